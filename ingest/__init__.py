@@ -1,0 +1,1 @@
+"""The HTTP receiver: authenticate, decode, queue in Redis, answer at once."""

@@ -1,0 +1,51 @@
+"""The receiver application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from ingest import handlers
+from ingest.appkeys import AUTH, METRICS, QUEUE, REDIS, SETTINGS, STORE
+from ingest.auth import BasicAuth
+from ingest.batching import GroupCommit
+from ingest.metrics import ReceiverMetrics
+from shared.contract import Keys
+from shared.redis_conn import redis_client
+from shared.settings import Settings
+from shared.store import Store
+
+WEBHOOK_PATH = "/webhooks/exam-results-released"
+
+
+def create_app(settings: Settings, *, require_auth: bool = True) -> web.Application:
+    """Build the receiver. ``require_auth=False`` (``--no-auth``, ``dev``) allows running
+    without credentials; with credentials configured they are always enforced."""
+    if require_auth and not settings.auth_configured:
+        raise ValueError("Basic auth credentials are required (or pass --no-auth)")
+    # client_max_size makes read() answer 413 for bodies over the limit; +1 so the
+    # limit itself is accepted.
+    app = web.Application(client_max_size=settings.receiver.max_body_bytes + 1)
+    app[SETTINGS] = settings
+    app[AUTH] = BasicAuth(settings.receiver.basic_auth_user, settings.receiver.basic_auth_password)
+    app[METRICS] = ReceiverMetrics()
+    app.cleanup_ctx.append(_redis_ctx)
+    app.router.add_post(WEBHOOK_PATH, handlers.receive_exam_results)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", handlers.metrics)
+    return app
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    redis = redis_client(settings)
+    store = Store(redis, Keys(settings.redis.prefix), settings.retention)
+    app[REDIS] = redis
+    app[STORE] = store
+    app[QUEUE] = GroupCommit(store, settings.receiver.max_batch, app[METRICS].batch_size.observe)
+    yield
+    # every request already waiting on Redis gets its answer before the client closes
+    await app[QUEUE].drain()
+    await redis.aclose()

@@ -1,0 +1,19 @@
+"""Typed application keys, all in one place."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from ingest.auth import BasicAuth
+from ingest.batching import GroupCommit
+from ingest.metrics import ReceiverMetrics
+from shared.settings import Settings
+from shared.store import Store
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", Redis)
+STORE = web.AppKey("store", Store)
+QUEUE = web.AppKey("queue", GroupCommit)
+AUTH = web.AppKey("auth", BasicAuth)
+METRICS = web.AppKey("metrics", ReceiverMetrics)

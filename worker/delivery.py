@@ -1,0 +1,216 @@
+"""One delivery attempt of one (event, integration) pair, and the fan-out of an event.
+
+The steps are the same for every integration type:
+
+1. **claim** (one Lua call): skip if already delivered or superseded by a newer
+   release; otherwise take the pair's lock and mark the attempt in flight;
+2. **send** through the integration, bounded by its timeout;
+3. **record** (one Lua call): the attempt's outcome, and atomically with it the
+   "delivered" marker, the failure record, or the retry job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from shared.contract import DELIVER, Keys, encode_job, pair_member, released_ms
+from shared.payload import ExamResultsReleased, decoder
+from shared.settings import Settings
+from shared.store import AttemptRecord, Store, new_token, now_ms
+from worker.backoff import backoff_seconds
+from worker.filters import matches
+from worker.integrations.base import Delivery, Integration, PermanentError, TransientError
+from worker.metrics import WorkerMetrics
+
+log = logging.getLogger("examhook.worker")
+
+# When another worker holds a pair's lock, look again after this long.
+LOCKED_RETRY_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    state: str  # delivered | retry | failed | skipped
+    retry_in: float | None = None
+
+
+class Deliverer:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        integrations: dict[str, Integration],  # type: ignore[type-arg]
+        metrics: WorkerMetrics,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.keys: Keys = store.keys
+        self.integrations = integrations
+        self.metrics = metrics
+        self.lock_ttl_ms = int(settings.job_timeout_seconds * 1000)
+
+    async def handle_event(self, event_id: str) -> str:
+        """The ``handle_event`` job: first attempt for every integration whose filter matches."""
+        body = await self.store.redis.get(self.keys.event(event_id))
+        if body is None:
+            log.warning("event expired before delivery", extra={"event_id": event_id})
+            return "expired"
+        try:
+            event = decoder.decode(body)
+        except msgspec.DecodeError:  # cannot happen for what the receiver accepted
+            log.error("stored event does not decode", extra={"event_id": event_id})
+            return "undecodable"
+        targets = [i for i in self.integrations.values() if matches(i.config.when, event)]
+        if not targets:
+            await self.store.record_unmatched(event_id)
+            self.metrics.unmatched.inc()
+            log.info("matched no integration", extra={"event_id": event_id})
+            return "unmatched"
+        outcomes = await asyncio.gather(
+            *(self.attempt(event_id, i, mode="first", body=body, event=event) for i in targets)
+        )
+        return ",".join(f"{i.name}={o.state}" for i, o in zip(targets, outcomes, strict=True))
+
+    async def deliver(self, event_id: str, name: str) -> Outcome:
+        """The ``deliver`` job: one more attempt of a pair (retries, ``failures retry``)."""
+        integration = self.integrations.get(name)
+        if integration is None:
+            log.error("integration is not configured here", extra={"event_id": event_id, "integration": name})
+            await self.store.record(
+                event_id,
+                name,
+                token="",
+                record=AttemptRecord(
+                    attempt=0,
+                    at=now_ms(),
+                    duration_ms=0,
+                    outcome="failed",
+                    error=f"integration {name!r} is not configured on this worker",
+                ),
+            )
+            return Outcome("failed")
+        return await self.attempt(event_id, integration, mode="retry")
+
+    async def attempt(
+        self,
+        event_id: str,
+        integration: Integration,  # type: ignore[type-arg]
+        *,
+        mode: str,
+        body: bytes | None = None,
+        event: ExamResultsReleased | None = None,
+    ) -> Outcome:
+        name = integration.name
+        config = integration.config
+        token = new_token()
+        claim = await self.store.claim(
+            event_id,
+            name,
+            token=token,
+            lock_ttl_ms=self.lock_ttl_ms,
+            mode=mode,
+            attempt_id=event.attempt.id if event else "",
+            released_ms=released_ms(event) if event else "",
+        )
+        if claim.state == "locked":
+            if mode == "retry":
+                return Outcome("retry", LOCKED_RETRY_SECONDS)
+            await self.store.enqueue_deliver(event_id, name, defer_ms=self.lock_ttl_ms)
+            return Outcome("skipped")
+        if claim.state != "ok":
+            self.metrics.skipped.labels(name, claim.state).inc()
+            log.info("not sent: %s", claim.state, extra={"event_id": event_id, "integration": name})
+            return Outcome("skipped")
+        if body is None:
+            body = claim.body
+            assert body is not None
+            event = decoder.decode(body)
+        assert event is not None
+        number = claim.attempts_so_far + 1
+        delivery = Delivery(event_id, body, event, number, claim.interrupted)
+
+        started_at = now_ms()
+        started = time.perf_counter()
+        status: str | None = None
+        error: str | None = None
+        retry_after: float | None = None
+        try:
+            try:
+                # the integration enforces its own timeout; this is the backstop
+                async with asyncio.timeout(config.timeout_seconds + 5):
+                    status = await integration.deliver(delivery)
+                outcome = "delivered"
+            except TransientError as exc:
+                outcome, status, error, retry_after = "retry", exc.status, exc.message, exc.retry_after
+            except PermanentError as exc:
+                outcome, status, error = "failed", exc.status, exc.message
+            except TimeoutError:
+                outcome, error = "retry", f"timed out after {config.timeout_seconds:g}s"
+            except Exception as exc:  # a bug or an unforeseen error: retry, and say so loudly
+                log.exception("integration raised unexpectedly", extra={"event_id": event_id, "integration": name})
+                outcome, error = "retry", f"{exc.__class__.__name__}: {exc}"
+        except asyncio.CancelledError:
+            # shutting down: no outcome, no attempt spent; the job runs again later
+            await asyncio.shield(self.store.release(event_id, name, token))
+            raise
+        duration = time.perf_counter() - started
+
+        retry_in: float | None = None
+        if outcome == "retry":
+            if number >= config.max_attempts:
+                outcome = "failed"
+                error = f"{error} (gave up after {number} attempts)"
+            else:
+                retry_in = backoff_seconds(
+                    number, config.backoff_base_seconds, config.backoff_max_seconds, retry_after
+                )
+        record = AttemptRecord(
+            attempt=number,
+            at=started_at,
+            duration_ms=round(duration * 1000, 2),
+            outcome=outcome,
+            status=status,
+            error=error,
+            retry_in_seconds=round(retry_in, 3) if retry_in is not None else None,
+        )
+        retry_job = None
+        if retry_in is not None and mode == "first":
+            run_at = now_ms() + int(retry_in * 1000)
+            job = encode_job(DELIVER, (event_id, name), now_ms())
+            retry_job = (self.keys.deliver_job_id(event_id, name), job, run_at)
+        await self.store.record(event_id, name, token=token, record=record, retry_job=retry_job)
+
+        self.metrics.deliveries.labels(name, outcome).inc()
+        self.metrics.attempt_seconds.labels(name).observe(duration)
+        log_level = logging.WARNING if outcome == "failed" else logging.INFO
+        log.log(
+            log_level,
+            "delivery %s",
+            outcome,
+            extra={
+                "event_id": event_id,
+                "integration": name,
+                "attempt": number,
+                "outcome": outcome,
+                "status": status,
+                "duration_ms": record.duration_ms,
+                **({"retry_in": record.retry_in_seconds} if retry_in is not None else {}),
+                **({"error": _short(error)} if error and outcome != "delivered" else {}),
+            },
+        )
+        if outcome == "retry" and mode == "retry":
+            return Outcome("retry", retry_in)
+        return Outcome(outcome)
+
+
+def _short(error: str) -> str:
+    # error text may quote a destination's answer; keep log lines short
+    return error if len(error) <= 120 else error[:117] + "..."
+
+
+__all__ = ["Deliverer", "Outcome", "pair_member"]

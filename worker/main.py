@@ -1,0 +1,94 @@
+"""arq ``WorkerSettings`` for one worker process, built from examhook's settings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiohttp
+from arq import func
+from arq.worker import Worker
+
+from shared.contract import DELIVER, HANDLE_EVENT, Keys, job_deserializer, job_serializer
+from shared.redis_conn import arq_redis_settings
+from shared.settings import Settings
+from shared.store import Store
+from worker import integrations, jobs
+from worker.delivery import Deliverer
+from worker.metrics import WorkerMetrics
+
+log = logging.getLogger("examhook.worker")
+
+# Attempts are counted and limited per pair by examhook itself (max_attempts);
+# arq's own try counter only has to stay out of the way.
+ARQ_MAX_TRIES = 1000
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=200, limit_per_host=100),
+        headers={"User-Agent": "examhook"},
+    )
+    built = {c.name: integrations.build(c, session) for c in settings.integrations}
+    for integration in built.values():
+        await integration.start()
+    metrics: WorkerMetrics = ctx.setdefault("metrics", WorkerMetrics())
+    store = Store(ctx["redis"], Keys(settings.redis.prefix), settings.retention)
+    ctx["session"] = session
+    ctx["integrations"] = built
+    ctx["deliverer"] = Deliverer(settings, store, built, metrics)
+    if settings.worker.metrics_port is not None and not ctx.get("metrics_started"):
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker.metrics_port, registry=metrics.registry)
+        ctx["metrics_started"] = True
+    log.info("worker ready", extra={"integrations": ",".join(built) or "(none)"})
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    for integration in ctx.get("integrations", {}).values():
+        await integration.close()
+    session = ctx.get("session")
+    if session is not None:
+        await session.close()
+
+
+def worker_settings(
+    settings: Settings,
+    *,
+    burst: bool = False,
+    concurrency: int | None = None,
+    handle_signals: bool = True,
+    poll_delay: float = 0.05,
+) -> dict[str, Any]:
+    """Keyword arguments for ``arq.worker.Worker`` (what arq calls ``WorkerSettings``)."""
+    keys = Keys(settings.redis.prefix)
+    return {
+        "functions": [
+            func(jobs.handle_event, name=HANDLE_EVENT),
+            func(jobs.deliver, name=DELIVER),
+        ],
+        "queue_name": keys.queue,
+        "health_check_key": keys.health_check,
+        "health_check_interval": settings.worker.health_check_interval_seconds,
+        "redis_settings": arq_redis_settings(settings),
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "job_serializer": job_serializer,
+        "job_deserializer": job_deserializer,
+        "max_jobs": concurrency or settings.worker.concurrency,
+        "job_timeout": settings.job_timeout_seconds,
+        "max_tries": ARQ_MAX_TRIES,
+        # examhook keeps its own delivery records; arq's results would only block
+        # re-enqueueing a job id (``failures retry``).
+        "keep_result": 0,
+        "poll_delay": poll_delay,
+        "burst": burst,
+        "handle_signals": handle_signals,
+        "ctx": {"settings": settings},
+    }
+
+
+def create_worker(settings: Settings, **kwargs: Any) -> Worker:
+    return Worker(**worker_settings(settings, **kwargs))
