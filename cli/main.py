@@ -1,0 +1,454 @@
+"""The ``examhook`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import click
+
+from cli.common import (
+    config_option,
+    data_dir_option,
+    fail,
+    inspection_settings,
+    json_option,
+    print_json,
+    print_table,
+    run_inspection,
+    settings_or_exit,
+)
+from shared.inspection import Inspector
+from shared.logs import configure_logging
+from shared.settings import masked
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="examhook")
+def cli() -> None:
+    """examhook: receive Synap "Exam Results Released" webhooks and deliver them reliably."""
+
+
+# -- services ----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", default=None, help="Address to listen on (default: receiver.host, 0.0.0.0).")
+@click.option("--port", type=int, default=None, help="Port to listen on (default: receiver.port, 8080).")
+@click.option("--no-auth", is_flag=True, help="Accept requests without Basic credentials (not for production).")
+@click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Receiver processes sharing the port (SO_REUSEPORT).")
+@click.option("--reuse-port", is_flag=True, hidden=True)
+@config_option
+def receive(host: str | None, port: int | None, no_auth: bool, processes: int, reuse_port: bool,
+            config_path: str | None) -> None:
+    """Run the HTTP receiver."""
+    settings = settings_or_exit(config_path)
+    if not settings.auth_configured and not no_auth:
+        fail(
+            "no Basic auth credentials: set EXAMHOOK_BASIC_AUTH_USER and EXAMHOOK_BASIC_AUTH_PASSWORD "
+            "(or receiver.basic_auth_user/basic_auth_password), or pass --no-auth"
+        )
+    host = host or settings.receiver.host
+    port = settings.receiver.port if port is None else port
+    if processes > 1:
+        sys.exit(_run_processes(processes, host, port, no_auth, config_path))
+    configure_logging(settings.log_level)
+    from aiohttp import web
+
+    from ingest.app import create_app
+
+    log = logging.getLogger("examhook.ingest")
+    if not settings.auth_configured:
+        log.warning("authentication is OFF (--no-auth): anyone can post results")
+    app = create_app(settings, require_auth=not no_auth)
+    log.info("receiver listening", extra={"host": host, "port": port, "pid": os.getpid()})
+    web.run_app(app, host=host, port=port, access_log=None, print=None, reuse_port=reuse_port or None,
+                shutdown_timeout=30.0, handler_cancellation=False)
+
+
+def _run_processes(count: int, host: str, port: int, no_auth: bool, config_path: str | None) -> int:
+    """Start ``count`` receivers on one port (SO_REUSEPORT); forward signals; wait."""
+    args = [sys.executable, "-m", "cli.main", "receive", "--host", host, "--port", str(port), "--reuse-port"]
+    if no_auth:
+        args.append("--no-auth")
+    if config_path:
+        args += ["--config", config_path]
+    children = [subprocess.Popen(args) for _ in range(count)]
+
+    def forward(signum: int, _frame: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes)
+
+
+@cli.command()
+@click.option("--concurrency", type=click.IntRange(1, 10_000), default=None,
+              help="Jobs run at once by this process (default: worker.concurrency, 50).")
+@click.option("--burst", is_flag=True, help="Exit once the queue is empty.")
+@click.option("--check", is_flag=True, help="Health check: exit 0 if a worker reported recently, else 1.")
+@config_option
+def worker(concurrency: int | None, burst: bool, check: bool, config_path: str | None) -> None:
+    """Run one arq worker process (run as many as you like)."""
+    settings = settings_or_exit(config_path)
+    if check:
+        sys.exit(asyncio.run(_worker_health(settings)))
+    configure_logging(settings.log_level)
+    from worker.main import create_worker
+
+    create_worker(settings, burst=burst, concurrency=concurrency).run()
+
+
+async def _worker_health(settings: Any) -> int:
+    from shared.contract import Keys
+    from shared.redis_conn import redis_client
+
+    redis = redis_client(settings)
+    try:
+        value = await redis.get(Keys(settings.redis.prefix).health_check)
+    except OSError:
+        value = None
+    except Exception:
+        value = None
+    finally:
+        await redis.aclose()
+    if not value:
+        click.echo("unhealthy: no worker has reported recently", err=True)
+        return 1
+    click.echo(f"healthy: {value.decode()}")
+    return 0
+
+
+@cli.command()
+@click.option("--port", type=int, default=8080, show_default=True, help="Receiver port.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Receiver address.")
+@data_dir_option
+@config_option
+def dev(port: int, host: str, data_dir: str, config_path: str | None) -> None:
+    """Receiver + one worker + (unless EXAMHOOK_REDIS_URL is set) an embedded Valkey."""
+    from cli.dev import run_dev
+
+    settings = settings_or_exit(config_path)
+    sys.exit(run_dev(settings, port=port, host=host, data_dir=data_dir))
+
+
+@cli.command("send-sample")
+@click.option("--url", default="http://127.0.0.1:8080/webhooks/exam-results-released", show_default=True)
+@click.option("--count", type=click.IntRange(1, 1_000_000), default=1, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 1000), default=20, show_default=True)
+@config_option
+def send_sample(url: str, count: int, concurrency: int, config_path: str | None) -> None:
+    """Post realistic sample events (with the configured Basic credentials)."""
+    from cli.sample import send_samples
+
+    settings = settings_or_exit(config_path)
+    sys.exit(asyncio.run(send_samples(settings, url=url, count=count, concurrency=concurrency)))
+
+
+@cli.command("check-config")
+@json_option
+@config_option
+def check_config(as_json: bool, config_path: str | None) -> None:
+    """Validate the configuration and print the effective settings (secrets masked)."""
+    settings = settings_or_exit(config_path)
+    problems = _template_problems(settings)
+    if problems:
+        for problem in problems:
+            click.echo(f"examhook: template error: {problem}", err=True)
+        sys.exit(2)
+    data = masked(settings)
+    if as_json:
+        print_json(data)
+        return
+    click.echo(f"configuration OK ({settings.source or 'no file; defaults and environment'})")
+    _print_tree(data)
+
+
+def _template_problems(settings: Any) -> list[str]:
+    from shared.settings import EmailIntegration
+
+    problems: list[str] = []
+    for integration in settings.integrations:
+        if isinstance(integration, EmailIntegration):
+            from worker.integrations.email import check_templates
+
+            problems += [f"integrations.{integration.name}: {p}" for p in check_templates(integration)]
+    return problems
+
+
+def _print_tree(data: Any, indent: int = 0) -> None:
+    pad = "  " * indent
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(value, dict | list) and value:
+                click.echo(f"{pad}{key}:")
+                _print_tree(value, indent + 1)
+            else:
+                click.echo(f"{pad}{key}: {value}")
+    elif isinstance(data, list):
+        for item in data:
+            click.echo(f"{pad}-")
+            _print_tree(item, indent + 1)
+
+
+# -- inspecting and repairing -----------------------------------------------------------
+
+
+@cli.command()
+@json_option
+@click.option("--watch", is_flag=True, help="Refresh every --interval seconds until Ctrl-C.")
+@click.option("--interval", type=float, default=2.0, show_default=True)
+@data_dir_option
+@config_option
+def queue(as_json: bool, watch: bool, interval: float, data_dir: str, config_path: str | None) -> None:
+    """Counts: queued, in progress, scheduled retries, failed, rejected; per integration."""
+    settings = inspection_settings(config_path, data_dir)
+    while True:
+        counts = run_inspection(settings, Inspector.counts)
+        if watch and not as_json:
+            click.clear()
+            click.echo(time.strftime("%H:%M:%S") + f"  (every {interval:g}s, Ctrl-C to stop)")
+        _print_counts(counts, as_json)
+        if not watch:
+            return
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            return
+
+
+def _print_counts(counts: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(counts)
+        return
+    for key in ("queued", "in_progress", "scheduled_retries", "failed", "rejected", "unmatched"):
+        click.echo(f"{key:<18} {counts[key]}")
+    click.echo(f"{'oldest queued':<18} {counts['oldest_queued_age_seconds']}s")
+    rows = [{"integration": name, **values} for name, values in counts["per_integration"].items()]
+    if rows:
+        click.echo()
+        print_table(rows, ["integration", "queued", "in_progress", "scheduled_retries", "failed"])
+
+
+@cli.group()
+def failures() -> None:
+    """Failed deliveries: list, show, retry, purge."""
+
+
+def _parse_age(value: str | None) -> float | None:
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if value[-1] in units:
+            return float(value[:-1]) * units[value[-1]]
+        return float(value)
+    except (ValueError, IndexError):
+        raise click.BadParameter(f"{value!r} is not an age like 30m, 12h or 7d") from None
+
+
+@failures.command("list")
+@click.option("--integration", default=None)
+@click.option("--exam", "exam_id", default=None, help="Only failures of this exam id.")
+@click.option("--older-than", default=None, help="Last attempt at least this long ago (30m, 12h, 7d).")
+@click.option("--newer-than", default=None, help="Last attempt at most this long ago.")
+@json_option
+@data_dir_option
+@config_option
+def failures_list(integration: str | None, exam_id: str | None, older_than: str | None, newer_than: str | None,
+                  as_json: bool, data_dir: str, config_path: str | None) -> None:
+    """One row per failed delivery."""
+    older, newer = _parse_age(older_than), _parse_age(newer_than)
+    settings = inspection_settings(config_path, data_dir)
+    rows = run_inspection(settings, lambda i: i.failures(integration, exam_id, older, newer))
+    import msgspec
+
+    data = [msgspec.to_builtins(r) for r in rows]
+    if as_json:
+        print_json(data)
+        return
+    print_table(data, ["event_id", "integration", "attempts", "last_attempt_at", "exam_id", "last_error"],
+                empty="no failed deliveries")
+
+
+@failures.command("show")
+@click.argument("event_id")
+@click.option("--integration", default=None)
+@json_option
+@data_dir_option
+@config_option
+def failures_show(event_id: str, integration: str | None, as_json: bool, data_dir: str,
+                  config_path: str | None) -> None:
+    """Everything known about an event: payload, and each attempt's outcome."""
+    settings = inspection_settings(config_path, data_dir)
+    detail = run_inspection(settings, lambda i: i.event_detail(event_id, integration))
+    if detail is None:
+        fail(f"no event {event_id} (unknown, or expired)", code=1)
+    if as_json:
+        print_json(detail)
+        return
+    click.echo(f"event {event_id}")
+    for delivery in detail["deliveries"]:
+        click.echo(f"\n[{delivery['integration']}] {delivery['status']}, {delivery['attempts']} attempt(s)"
+                   f", last error: {delivery['last_error'] or '-'}")
+        print_table(delivery["attempt_log"], ["attempt", "at", "outcome", "status", "duration_ms", "error"])
+    click.echo("\npayload:")
+    print_json(detail["payload"])
+
+
+def _select_pairs(inspector: Inspector, event_ids: tuple[str, ...], all_: bool,
+                  integration: str | None) -> Any:
+    return inspector.failure_pairs(None if all_ else list(event_ids), integration)
+
+
+def _require_selection(event_ids: tuple[str, ...], all_: bool) -> None:
+    if bool(event_ids) == all_:
+        raise click.UsageError("give EVENT_ID... or --all (not both)")
+
+
+@failures.command("retry")
+@click.argument("event_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every failed delivery.")
+@click.option("--integration", default=None)
+@json_option
+@data_dir_option
+@config_option
+def failures_retry(event_ids: tuple[str, ...], all_: bool, integration: str | None, as_json: bool,
+                   data_dir: str, config_path: str | None) -> None:
+    """Queue failed deliveries again (a fresh round of attempts); prints how many."""
+    _require_selection(event_ids, all_)
+    settings = inspection_settings(config_path, data_dir)
+    show_progress = not as_json and sys.stderr.isatty()
+
+    async def work(inspector: Inspector) -> tuple[int, int]:
+        pairs = await _select_pairs(inspector, event_ids, all_, integration)
+        queued = skipped = 0
+        step = 500
+        for start in range(0, len(pairs), step):
+            q, s = await inspector.retry(pairs[start : start + step])
+            queued, skipped = queued + q, skipped + s
+            if show_progress and len(pairs) > step:
+                click.echo(f"\r{start + len(pairs[start:start + step])}/{len(pairs)}", nl=False, err=True)
+        if show_progress and len(pairs) > step:
+            click.echo(err=True)
+        return queued, skipped
+
+    queued, skipped = run_inspection(settings, work)
+    if as_json:
+        print_json({"queued": queued, "skipped": skipped})
+    else:
+        click.echo(f"queued {queued} failed deliveries" + (f" ({skipped} skipped)" if skipped else ""))
+
+
+@failures.command("purge")
+@click.argument("event_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every failed delivery.")
+@click.option("--integration", default=None)
+@json_option
+@data_dir_option
+@config_option
+def failures_purge(event_ids: tuple[str, ...], all_: bool, integration: str | None, as_json: bool,
+                   data_dir: str, config_path: str | None) -> None:
+    """Forget failed deliveries."""
+    _require_selection(event_ids, all_)
+    settings = inspection_settings(config_path, data_dir)
+
+    async def work(inspector: Inspector) -> int:
+        return await inspector.purge(await _select_pairs(inspector, event_ids, all_, integration))
+
+    removed = run_inspection(settings, work)
+    if as_json:
+        print_json({"purged": removed})
+    else:
+        click.echo(f"purged {removed} failed deliveries")
+
+
+@cli.group()
+def rejected() -> None:
+    """The quarantine of authenticated bodies that were rejected (400/422)."""
+
+
+@rejected.command("list")
+@json_option
+@data_dir_option
+@config_option
+def rejected_list(as_json: bool, data_dir: str, config_path: str | None) -> None:
+    """List quarantined bodies with their errors."""
+    import msgspec
+
+    settings = inspection_settings(config_path, data_dir)
+    items = run_inspection(settings, Inspector.rejected)
+    data = [{k: v for k, v in msgspec.to_builtins(r).items() if k != "body"} for r in items]
+    for row in data:
+        row["received_at"] = _iso(row["received_at"])
+    if as_json:
+        print_json(data)
+        return
+    print_table(data, ["id", "received_at", "error", "path", "detail"], empty="no rejected bodies")
+
+
+def _iso(ms: int) -> str | None:
+    from shared.inspection import iso
+
+    return iso(ms)
+
+
+@rejected.command("show")
+@click.argument("reject_id")
+@json_option
+@data_dir_option
+@config_option
+def rejected_show(reject_id: str, as_json: bool, data_dir: str, config_path: str | None) -> None:
+    """One quarantined body, as received, with its error."""
+    import msgspec
+
+    settings = inspection_settings(config_path, data_dir)
+    item = run_inspection(settings, lambda i: i.rejected_one(reject_id))
+    if item is None:
+        fail(f"no rejected body {reject_id} (unknown, or expired)", code=1)
+    data = msgspec.to_builtins(item)
+    data["received_at"] = _iso(data["received_at"])
+    if as_json:
+        print_json(data)
+        return
+    for key in ("id", "received_at", "error", "path", "detail", "content_type"):
+        click.echo(f"{key}: {data[key]}")
+    click.echo("body:")
+    click.echo(data["body"])
+
+
+@rejected.command("purge")
+@click.argument("reject_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every quarantined body (the default with no ids).")
+@json_option
+@data_dir_option
+@config_option
+def rejected_purge(reject_ids: tuple[str, ...], all_: bool, as_json: bool, data_dir: str,
+                   config_path: str | None) -> None:
+    """Delete quarantined bodies (all of them when no id is given)."""
+    settings = inspection_settings(config_path, data_dir)
+    ids = list(reject_ids) if reject_ids and not all_ else None
+    removed = run_inspection(settings, lambda i: i.purge_rejected(ids))
+    if as_json:
+        print_json({"purged": removed})
+    else:
+        click.echo(f"purged {removed} rejected bodies")
+
+
+def main() -> None:
+    cli(prog_name="examhook")
+
+
+if __name__ == "__main__":
+    main()
