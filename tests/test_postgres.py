@@ -23,12 +23,12 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import msgspec
 import pytest
-from conftest import eventually
 
 from ingest.app import WEBHOOK_PATH, create_app
 from shared.contract import event_id
 from shared.payload import decoder
 from shared.settings import ConfigError, PostgresIntegration, Settings, settings_from_dict
+from tests.conftest import eventually
 from worker.integrations.base import Delivery, PermanentError, TransientError
 from worker.integrations.postgres import (
     MAX_TABLE_NAME,
