@@ -61,8 +61,16 @@ class Handler:
     mails: list[Mail] = field(default_factory=list)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_replies: list[str] = field(default_factory=list)
+    mail_replies: list[str] = field(default_factory=list)
     data_delay: float = 0.0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        if self.mail_replies:
+            return self.mail_replies.pop(0)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
         if address in self.rcpt_replies:
@@ -362,11 +370,12 @@ async def test_smtp_5xx_is_permanent_and_nobody_gets_a_copy(
 ) -> None:
     """The learner's address refused with 550 is a PermanentError (status "550"), and the
     message is not sent to the bcc recipients either."""
-    smtp.handler.rcpt_replies[LEARNER] = "550 5.1.1 No such user"
+    smtp.handler.rcpt_replies[LEARNER] = f"550 5.1.1 <{LEARNER}>: No such user"
     mail = make_email(config(smtp.port, bcc=["records@acme.example.org"]))
     with pytest.raises(PermanentError, match="550") as caught:
         await mail.deliver(delivery(event))
     assert caught.value.status == "550"
+    assert "l***@example.org" in caught.value.message and LEARNER not in caught.value.message
     # the session is still good, and nothing was transmitted
     smtp.handler.rcpt_replies.clear()
     await mail.deliver(delivery(event))
@@ -436,6 +445,25 @@ async def test_reconnects_after_server_closed_connection(
     await smtp.handler.wait_for(2)
     assert len(smtp.handler.sessions) == 2
     assert mail.connections_opened == 2
+
+
+async def test_421_on_kept_connection_reconnects_and_sends(
+    smtp: SmtpServer, make_email: Callable[..., EmailDelivery], event: ExamResultsReleased
+) -> None:
+    """A kept connection answered with 421 (server closing) before anything was accepted is
+    replaced by a new one within the same attempt; on a fresh connection 421 is a TransientError."""
+    mail = make_email(config(smtp.port))
+    await mail.deliver(delivery(event))
+    smtp.handler.mail_replies.append("421 4.3.2 Service shutting down")
+    assert await mail.deliver(delivery(event)) == "250"
+    assert mail.connections_opened == 2
+    assert len(await smtp.handler.wait_for(2)) == 2
+    assert len(smtp.handler.sessions) == 2
+
+    fresh = make_email(config(smtp.port))
+    smtp.handler.mail_replies.append("421 4.3.2 Service shutting down")
+    with pytest.raises(TransientError, match="421"):
+        await fresh.deliver(delivery(event))
 
 
 async def test_login(

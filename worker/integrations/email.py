@@ -254,7 +254,7 @@ def _describe(key: str, path: str | None, exc: Exception) -> str:
     frames = [
         f
         for f in traceback.extract_tb(exc.__traceback__)
-        if not f.filename.endswith(".py") and f.filename != "<template>"
+        if not f.filename.endswith(".py") and not f.filename.startswith("<")
     ]
     kind = "undefined variable" if isinstance(exc, jinja2.UndefinedError) else exc.__class__.__name__
     if frames:
@@ -328,8 +328,18 @@ def check_templates(config: EmailIntegration) -> list[str]:
 # --------------------------------------------------------------------------- sending
 
 
+_ADDRESS_IN_TEXT_RE = re.compile(r"[^\s<>()\[\]\"',;:@]+@[A-Za-z0-9.-]+")
+
+
+def _scrub(text: str) -> str:
+    """A server's reply or error text, on one line, short, with email addresses masked
+    (replies often quote the recipient; they end up in logs and failure records)."""
+    text = _ADDRESS_IN_TEXT_RE.sub(lambda m: mask_email(m.group(0)), " ".join(text.split()))
+    return text[:MAX_ERROR_TEXT]
+
+
 def _smtp_error(exc: aiosmtplib.SMTPResponseException, stage: str) -> NoReturn:
-    text = " ".join(str(exc.message).split())[:MAX_ERROR_TEXT]
+    text = _scrub(str(exc.message))
     message = f"SMTP {exc.code} at {stage}: {text}"
     if 400 <= exc.code < 500:
         raise TransientError(message, status=str(exc.code)) from None
@@ -472,7 +482,7 @@ class EmailDelivery(Integration[EmailIntegration]):
         except aiosmtplib.SMTPException as exc:
             # STARTTLS or AUTH not offered by the server: a configuration problem.
             client.close()
-            raise PermanentError(f"{config.smtp_host}:{self.port} at {stage}: {exc}") from None
+            raise PermanentError(f"{config.smtp_host}:{self.port} at {stage}: {_reason(exc)}") from None
         except BaseException:
             client.close()
             raise
@@ -531,7 +541,7 @@ class EmailDelivery(Integration[EmailIntegration]):
             raise
         except aiosmtplib.SMTPException as exc:
             await self._reset(client, exc)
-            raise PermanentError(f"SMTP error at {stage}: {exc}") from None
+            raise PermanentError(f"SMTP error at {stage}: {_reason(exc)}") from None
         except BaseException:
             # cancelled (shutdown, timeout) mid-transaction: the session state is unknown
             self._drop()
@@ -573,8 +583,7 @@ class _StaleConnection(Exception):
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc) or exc.__class__.__name__
-    return " ".join(text.split())[:MAX_ERROR_TEXT]
+    return _scrub(str(exc) or exc.__class__.__name__)
 
 
 __all__: list[str] = [
