@@ -71,6 +71,13 @@ async def _receive(request: web.Request) -> web.Response:
         return json_response({"error": "payload_too_large", "detail": f"limit is {limit} bytes"}, 413)
 
     try:
+        # msgspec skips unknown fields without decoding their strings: check UTF-8 here,
+        # since the body is forwarded byte for byte.
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return await _reject(request, body, "invalid_json", f"body is not valid UTF-8: {exc.reason} "
+                             f"at byte {exc.start}", None, 400)
+    try:
         event = decoder.decode(body)
     except msgspec.ValidationError as exc:
         detail, path = error_path(exc)

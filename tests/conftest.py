@@ -95,7 +95,8 @@ class Destination:
     """A real HTTP server that records every request and answers from a script.
 
     ``responses`` is consumed one per request (status, headers); when empty it answers 200.
-    ``hang`` makes every request wait that many seconds before answering.
+    ``hang`` makes every request wait that many seconds before answering (it is recorded
+    on arrival).
     """
 
     url: str
@@ -111,11 +112,11 @@ class Destination:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        if self.hang:
-            await asyncio.sleep(self.hang)
         async with self._arrived:
             self.requests.append(Received(dict(request.headers), body, time.monotonic()))
             self._arrived.notify_all()
+        if self.hang:
+            await asyncio.sleep(self.hang)
         status, headers = self.responses.pop(0) if self.responses else (200, {})
         return web.Response(status=status, headers=headers, text="ok" if status < 300 else "nope")
 
@@ -158,11 +159,25 @@ async def start_worker() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
 
     yield start
     for worker, task in running:
+        await stop_worker(worker, task)
+
+
+async def stop_worker(worker: Any, task: asyncio.Task[None]) -> None:
+    """Stop an in-process worker as a shutdown would: jobs still running are cancelled
+    (arq requeues them) and its connections are closed."""
+    # burst mode with a budget of 0 jobs makes arq's main loop return at its next turn,
+    # outside any Redis call (cancelling it mid-pipeline would leak a connection)
+    worker.burst = True
+    worker.max_burst_jobs = 0
+    for job in list(worker.job_tasks.values()):
+        job.cancel()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout=10)
+    except TimeoutError:
         task.cancel()
-        for job_task in list(worker.tasks.values()):
-            job_task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await worker.close()
+    await asyncio.gather(task, *worker.tasks.values(), return_exceptions=True)
+    worker.tasks.clear()  # close() would gather them again and re-raise their cancellation
+    await worker.close()
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02) -> Any:

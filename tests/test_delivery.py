@@ -1,0 +1,394 @@
+"""Delivery by the worker: the http and file integrations, retries, failures, and
+"never delivered twice" under duplicates, retries and racing workers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from ingest.app import WEBHOOK_PATH, create_app
+from shared.contract import Keys, pair_member
+from shared.inspection import Inspector
+from shared.settings import Settings
+from shared.store import Store
+from tests.conftest import Destination, eventually
+
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(), "Content-Type": "application/json"}
+FAST = {"backoff_base_seconds": 0.05, "backoff_max_seconds": 0.1}
+
+
+def http(dest: Destination, name: str = "lms", **extra: Any) -> dict[str, Any]:
+    return {"name": name, "type": "http", "url": dest.url, "timeout_seconds": 2, **FAST, **extra}
+
+
+def variant(body: bytes, attempt_id: str, released_at: str | None = None) -> bytes:
+    data = json.loads(body)
+    data["attempt"]["id"] = attempt_id
+    if released_at:
+        data["attempt"]["audit"]["releasedAt"] = released_at
+    return json.dumps(data).encode()
+
+
+async def post(client: TestClient, body: bytes) -> str:  # type: ignore[type-arg]
+    response = await client.post(WEBHOOK_PATH, data=body, headers=AUTH)
+    assert response.status == 202, await response.text()
+    return str((await response.json())["event_id"])
+
+
+def inspector(settings: Settings, redis: Redis) -> Inspector:
+    return Inspector(Store(redis, Keys(settings.redis.prefix), settings.retention))
+
+
+async def test_delivers_body_unchanged_with_headers(aiohttp_client: Any, make_settings: Any, start_worker: Any,
+                                                    destination: Destination, sample_body: bytes) -> None:
+    """The destination receives the body byte for byte, as JSON, with Idempotency-Key and webhook-id = event id;
+    no signature headers without a signing secret."""
+    settings = make_settings([http(destination, headers={"Authorization": "Bearer lms-token"})])
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post(client, sample_body)
+    await start_worker(settings)
+    [request] = await destination.wait_for_requests(1)
+    assert request.body == sample_body
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["Idempotency-Key"] == event_id
+    assert request.headers["webhook-id"] == event_id
+    assert request.headers["Authorization"] == "Bearer lms-token"
+    assert "webhook-signature" not in request.headers
+
+
+async def test_signature_verifies_with_standard_webhooks(aiohttp_client: Any, make_settings: Any,
+                                                         start_worker: Any, destination: Destination,
+                                                         sample_body: bytes) -> None:
+    """With a signing secret, webhook-timestamp and webhook-signature verify with the standardwebhooks library."""
+    from standardwebhooks.webhooks import Webhook
+
+    secret = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+    settings = make_settings([http(destination, signing_secret=secret)])
+    client = await aiohttp_client(create_app(settings))
+    await post(client, sample_body)
+    await start_worker(settings)
+    [request] = await destination.wait_for_requests(1)
+    assert abs(int(request.headers["webhook-timestamp"]) - time.time()) < 60
+    verified = Webhook(secret).verify(request.body, request.headers)
+    assert verified["attempt"]["id"] == json.loads(sample_body)["attempt"]["id"]
+    tampered = request.body.replace(b"Ada", b"Eve")
+    with pytest.raises(Exception, match="[Ss]ignature"):
+        Webhook(secret).verify(tampered, request.headers)
+
+
+@pytest.mark.parametrize("status", [503, 500, 408, 425, 429])
+async def test_retryable_status_then_success(aiohttp_client: Any, make_settings: Any, start_worker: Any,
+                                             destination: Destination, sample_body: bytes, redis: Redis,
+                                             status: int) -> None:
+    """5xx, 408, 425 and 429 are retried with backoff; a later 2xx delivers, with the same Idempotency-Key."""
+    destination.responses = [(status, {}), (status, {})]
+    settings = make_settings([http(destination)])
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post(client, sample_body)
+    await start_worker(settings)
+    requests = await destination.wait_for_requests(3)
+    assert {r.headers["Idempotency-Key"] for r in requests} == {event_id}
+    keys = Keys(settings.redis.prefix)
+    await eventually(lambda: redis.exists(keys.delivered(event_id, "lms")))
+    detail = await inspector(settings, redis).event_detail(event_id)
+    assert detail is not None
+    outcomes = [a["outcome"] for a in detail["deliveries"][0]["attempt_log"]]
+    assert outcomes == ["retry", "retry", "delivered"]
+    assert await redis.zcard(keys.failures) == 0
+
+
+async def test_retry_after_is_honoured(aiohttp_client: Any, make_settings: Any, start_worker: Any,
+                                       destination: Destination, sample_body: bytes) -> None:
+    """A 503 with Retry-After: 1 delays the next attempt by at least a second, though backoff is 50 ms."""
+    destination.responses = [(503, {"Retry-After": "1"})]
+    settings = make_settings([http(destination)])
+    client = await aiohttp_client(create_app(settings))
+    await post(client, sample_body)
+    await start_worker(settings)
+    first, second = await destination.wait_for_requests(2)
+    assert second.at - first.at >= 0.95
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 410, 422])
+async def test_other_4xx_fails_at_once(aiohttp_client: Any, make_settings: Any, start_worker: Any,
+                                       destination: Destination, sample_body: bytes, redis: Redis,
+                                       status: int) -> None:
+    """Any other 4xx is a permanent failure after one attempt, kept with the payload for inspection."""
+    destination.responses = [(status, {})]
+    settings = make_settings([http(destination)])
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post(client, sample_body)
+    await start_worker(settings)
+    ins = inspector(settings, redis)
+    rows = await eventually(ins.failures)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row.event_id, row.integration, row.attempts) == (event_id, "lms", 1)
+    assert row.last_error.startswith(f"HTTP {status}")
+    assert row.attempt_id == json.loads(sample_body)["attempt"]["id"]
+    assert row.first_attempt_at and row.last_attempt_at
+    detail = await ins.event_detail(event_id)
+    assert detail is not None
+    assert detail["payload"] == json.loads(sample_body)
+    assert detail["deliveries"][0]["attempt_log"][0]["status"] == str(status)
+    assert len(destination.requests) == 1
+
+
+async def test_attempts_exhausted_is_a_failure(aiohttp_client: Any, make_settings: Any, start_worker: Any,
+                                               destination: Destination, sample_body: bytes, redis: Redis) -> None:
+    """After max_attempts retryable failures the pair is a failure with every attempt recorded."""
+    destination.responses = [(500, {})] * 10
+    settings = make_settings([http(destination, max_attempts=3)])
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post(client, sample_body)
+    await start_worker(settings)
+    rows = await eventually(inspector(settings, redis).failures)
+    assert rows[0].attempts == 3
+    assert "gave up after 3 attempts" in rows[0].last_error
+    detail = await inspector(settings, redis).event_detail(event_id)
+    assert detail is not None
+    assert [a["outcome"] for a in detail["deliveries"][0]["attempt_log"]] == ["retry", "retry", "failed"]
+    assert len(destination.requests) == 3
+
+
+async def test_network_error_and_timeout_are_retried(aiohttp_client: Any, make_settings: Any, start_worker: Any,
+                                                     destination: Destination, sample_body: bytes,
+                                                     unused_tcp_port_factory: Any, redis: Redis) -> None:
+    """Nothing listening, and a destination slower than timeout_seconds, are both retried until attempts run out."""
+    dead = f"http://127.0.0.1:{unused_tcp_port_factory()}/hook"
+    destination.hang = 1.0
+    settings = make_settings([
+        {"name": "dead", "type": "http", "url": dead, "max_attempts": 2, **FAST},
+        http(destination, name="slow", timeout_seconds=0.2, max_attempts=2),
+    ])
+    client = await aiohttp_client(create_app(settings))
+    await post(client, sample_body)
+    await start_worker(settings)
+    rows = await eventually(lambda: _failures_if(inspector(settings, redis), 2), timeout=15)
+    errors = {r.integration: r.last_error for r in rows}
+    assert "ClientConnectorError" in errors["dead"] or "Connect" in errors["dead"]
+    assert "timed out" in errors["slow"]
+    assert all(r.attempts == 2 for r in rows)
+
+
+async def _failures_if(ins: Inspector, count: int) -> Any:
+    rows = await ins.failures()
+    return rows if len(rows) >= count else None
+
+
+async def test_failures_retry_redelivers(aiohttp_client: Any, make_settings: Any, start_worker: Any,
+                                         destination: Destination, sample_body: bytes, redis: Redis) -> None:
+    """A failed pair queued again by `failures retry` is delivered once the destination accepts;
+    retrying it again afterwards sends nothing (it is delivered)."""
+    destination.responses = [(400, {})]
+    settings = make_settings([http(destination)])
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post(client, sample_body)
+    await start_worker(settings)
+    ins = inspector(settings, redis)
+    await eventually(ins.failures)
+    assert await ins.retry([(event_id, "lms")]) == (1, 0)
+    requests = await destination.wait_for_requests(2)
+    assert requests[1].headers["Idempotency-Key"] == event_id
+    keys = Keys(settings.redis.prefix)
+    await eventually(lambda: redis.exists(keys.delivered(event_id, "lms")))
+    assert await ins.failures() == []
+    # not a failure any more: nothing to queue, nothing sent
+    assert await ins.retry([(event_id, "lms")]) == (0, 1)
+    await redis.zadd(keys.failures, {pair_member(event_id, "lms"): 1})  # even if forced back into the list
+    assert await ins.retry([(event_id, "lms")]) == (0, 1)
+    assert len(destination.requests) == 2
+
+
+async def test_delivered_pair_never_sent_again_by_a_duplicate_job(aiohttp_client: Any, make_settings: Any,
+                                                                  start_worker: Any, destination: Destination,
+                                                                  sample_body: bytes, redis: Redis) -> None:
+    """If the event's job is queued again after success (a redelivery of the job), nothing is sent."""
+    settings = make_settings([http(destination)])
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post(client, sample_body)
+    worker = await start_worker(settings)
+    await destination.wait_for_requests(1)
+    keys = Keys(settings.redis.prefix)
+    await eventually(lambda: redis.exists(keys.delivered(event_id, "lms")))
+    store = Store(redis, keys, settings.retention)
+    await store.enqueue_deliver(event_id, "lms")
+    await worker.pool.enqueue_job("handle_event", event_id, _job_id=keys.handle_job_id(event_id))
+    await eventually(lambda: _queue_empty(redis, keys))
+    assert len(destination.requests) == 1
+
+
+async def _queue_empty(redis: Redis, keys: Keys) -> bool:
+    return await redis.zcard(keys.queue) == 0
+
+
+async def test_two_workers_deliver_each_event_once(aiohttp_client: Any, make_settings: Any, start_worker: Any,
+                                                   destination: Destination, sample_body: bytes) -> None:
+    """Two workers draining one queue deliver every event exactly once."""
+    settings = make_settings([http(destination)])
+    client = await aiohttp_client(create_app(settings))
+    ids = {await post(client, variant(sample_body, f"att_{i}")) for i in range(200)}
+    await start_worker(settings)
+    await start_worker(settings)
+    requests = await destination.wait_for_requests(200)
+    keys = [r.headers["Idempotency-Key"] for r in requests]
+    assert sorted(keys) == sorted(ids)
+    await asyncio.sleep(0)  # let any stray second delivery surface
+    assert len(destination.requests) == 200
+
+
+async def test_one_failing_integration_does_not_affect_another(aiohttp_client: Any, make_settings: Any,
+                                                               start_worker: Any, destination: Destination,
+                                                               sample_body: bytes, tmp_path: Path,
+                                                               redis: Redis) -> None:
+    """An integration that keeps failing neither delays nor repeats delivery to another."""
+    destination.responses = [(500, {})] * 3
+    sink = tmp_path / "out.jsonl"
+    settings = make_settings([http(destination, max_attempts=3), {"name": "archive", "type": "file", "path": str(sink)}])
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post(client, sample_body)
+    await start_worker(settings)
+    rows = await eventually(inspector(settings, redis).failures)
+    assert [r.integration for r in rows] == ["lms"]
+    lines = sink.read_bytes().splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0])["event_id"] == event_id
+
+
+async def test_file_integration_one_line_per_event(aiohttp_client: Any, make_settings: Any, start_worker: Any,
+                                                   sample_body: bytes, tmp_path: Path, redis: Redis) -> None:
+    """The file integration appends one JSON line per event (payload included), duplicates posted or not."""
+    sink = tmp_path / "deliveries.jsonl"
+    settings = make_settings([{"name": "local-file", "type": "file", "path": str(sink)}])
+    client = await aiohttp_client(create_app(settings))
+    ids = [await post(client, variant(sample_body, f"att_{i}")) for i in range(20)]
+    for _ in range(3):
+        assert (await client.post(WEBHOOK_PATH, data=variant(sample_body, "att_0"), headers=AUTH)).status == 200
+    await start_worker(settings)
+    keys = Keys(settings.redis.prefix)
+    await eventually(lambda: _queue_empty(redis, keys))
+    lines = [json.loads(line) for line in sink.read_bytes().splitlines()]
+    assert sorted(line["event_id"] for line in lines) == sorted(ids)
+    assert lines[0]["payload"]["exam"]["id"] == "exm_maths_2026"
+
+
+async def test_file_integration_does_not_repeat_after_interrupted_attempt(
+    make_settings: Any, sample_body: bytes, tmp_path: Path, redis: Redis
+) -> None:
+    """When an attempt was interrupted after writing (the crash window), the next attempt finds the line
+    and does not write it twice."""
+    from shared.payload import decoder
+    from worker.integrations.base import Delivery
+    from worker.integrations.file import FileDelivery
+    from shared.settings import FileIntegration
+
+    sink = tmp_path / "d.jsonl"
+    integration = FileDelivery(FileIntegration(name="f", path=str(sink)))
+    await integration.start()
+    event = decoder.decode(sample_body)
+    assert await integration.deliver(Delivery("evt_1", sample_body, event, 1)) == "written"
+    again = Delivery("evt_1", sample_body, event, 2, maybe_sent_before=True)
+    assert await integration.deliver(again) == "already written"
+    assert len(sink.read_bytes().splitlines()) == 1
+
+
+async def test_newer_release_supersedes_a_waiting_older_one(aiohttp_client: Any, make_settings: Any,
+                                                            start_worker: Any, destination: Destination,
+                                                            sample_body: bytes, redis: Redis) -> None:
+    """A re-release received while the older release still waits in the queue: only the newer is delivered."""
+    settings = make_settings([http(destination)])
+    client = await aiohttp_client(create_app(settings))
+    old = await post(client, variant(sample_body, "att_x", "2026-11-23T09:00:00.000Z"))
+    new = await post(client, variant(sample_body, "att_x", "2026-11-24T09:00:00.000Z"))
+    await start_worker(settings)
+    [request] = await destination.wait_for_requests(1)
+    assert request.headers["Idempotency-Key"] == new
+    keys = Keys(settings.redis.prefix)
+    await eventually(lambda: _queue_empty(redis, keys))
+    assert len(destination.requests) == 1
+    assert (await redis.hget(keys.pair(old, "lms"), "status")) == b"superseded"
+
+
+async def test_older_release_retrying_is_dropped_when_newer_arrives(aiohttp_client: Any, make_settings: Any,
+                                                                    start_worker: Any, destination: Destination,
+                                                                    sample_body: bytes, redis: Redis) -> None:
+    """An older release waiting for a retry is not delivered after a newer release arrives."""
+    destination.responses = [(503, {"Retry-After": "1"})]
+    settings = make_settings([http(destination)])
+    client = await aiohttp_client(create_app(settings))
+    old = await post(client, variant(sample_body, "att_y", "2026-11-23T09:00:00.000Z"))
+    await start_worker(settings)
+    [first] = await destination.wait_for_requests(1)
+    assert first.headers["Idempotency-Key"] == old
+    new = await post(client, variant(sample_body, "att_y", "2026-11-24T09:00:00.000Z"))
+    requests = await destination.wait_for_requests(2)
+    assert requests[1].headers["Idempotency-Key"] == new
+    keys = Keys(settings.redis.prefix)
+    await eventually(lambda: _queue_empty(redis, keys), timeout=5)
+    assert [r.headers["Idempotency-Key"] for r in destination.requests] == [old, new]
+
+
+async def test_event_matching_no_integration_is_recorded(aiohttp_client: Any, make_settings: Any,
+                                                         start_worker: Any, destination: Destination,
+                                                         sample_body: bytes, redis: Redis) -> None:
+    """An event that matches no integration's filter is recorded as unmatched, not silently dropped."""
+    settings = make_settings([http(destination, when={"exam_ids": ["some-other-exam"]})])
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post(client, sample_body)
+    await start_worker(settings)
+    keys = Keys(settings.redis.prefix)
+    await eventually(lambda: redis.zscore(keys.unmatched, event_id))
+    assert destination.requests == []
+
+
+@pytest.mark.slow
+async def test_worker_sigkilled_mid_delivery_still_delivers(make_settings: Any, aiohttp_client: Any,
+                                                            destination: Destination, sample_body: bytes,
+                                                            tmp_path: Path, prefix: str, redis_url: str) -> None:
+    """A worker process killed (SIGKILL) while sending: another worker delivers the event once arq's
+    in-progress lease expires, with the same Idempotency-Key."""
+    destination.hang = 30  # the first attempt never finishes
+    config = tmp_path / "examhook.toml"
+    config.write_text(
+        f'[redis]\nurl = "{redis_url}"\nprefix = "{prefix}"\n'
+        "[worker]\njob_timeout_seconds = 2\nhealth_check_interval_seconds = 1\n"
+        f'[[integrations]]\nname = "lms"\ntype = "http"\nurl = "{destination.url}"\ntimeout_seconds = 1\n'
+        "backoff_base_seconds = 0.05\nbackoff_max_seconds = 0.1\n"
+    )
+    settings = make_settings([http(destination)])
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post(client, sample_body)
+    env = {**os.environ, "EXAMHOOK_CONFIG": str(config), "EXAMHOOK_LOG_LEVEL": "warning"}
+    env.pop("EXAMHOOK_REDIS_URL", None)
+    first = subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], env=env)
+    try:
+        await destination.wait_for_requests(1, timeout=20)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        destination.hang = 0
+        second = subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], env=env)
+        try:
+            requests = await destination.wait_for_requests(2, timeout=30)
+            assert [r.headers["Idempotency-Key"] for r in requests] == [event_id, event_id]
+            keys = Keys(prefix)
+            check = Redis.from_url(redis_url)
+            await eventually(lambda: check.exists(keys.delivered(event_id, "lms")), timeout=10)
+            await check.aclose()
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(timeout=20)
+    finally:
+        if first.poll() is None:
+            first.kill()
