@@ -529,6 +529,23 @@ async def test_starttls(
     assert received.tls
 
 
+async def test_untrusted_certificate_is_transient_and_nothing_sent(
+    start_smtp: Callable[..., SmtpServer],
+    make_email: Callable[..., EmailDelivery],
+    event: ExamResultsReleased,
+    certificate: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server certificate the client does not trust fails the attempt (transient, like
+    any connection failure) before any message data is sent."""
+    server = start_smtp(tls_context=server_tls(certificate), require_starttls=True)
+    monkeypatch.delenv("SSL_CERT_FILE")
+    with pytest.raises(TransientError, match="cannot connect") as caught:
+        await make_email(config(server.port, tls="starttls")).deliver(delivery(event))
+    assert "certificate" in caught.value.message.lower()
+    assert server.handler.mails == []
+
+
 async def test_starttls_not_offered_is_permanent(
     smtp: SmtpServer, make_email: Callable[..., EmailDelivery], event: ExamResultsReleased
 ) -> None:
@@ -576,6 +593,19 @@ def test_check_templates_reports_file_and_line(tmp_path: Path) -> None:
     assert f"{syntax}, line 2" in syntax_problem and "syntax error" in syntax_problem
     assert str(missing) in missing_problem and "not found" in missing_problem
     assert f"{typo}, line 3" in typo_problem and "grade_lable" in typo_problem
+
+
+async def test_broken_template_at_send_time_is_permanent(
+    smtp: SmtpServer, make_email: Callable[..., EmailDelivery], event: ExamResultsReleased, tmp_path: Path
+) -> None:
+    """A template that fails to render makes the delivery fail permanently, naming file
+    and line, without contacting the SMTP server."""
+    broken = tmp_path / "subject.txt"
+    broken.write_text("{{ exam_name }}\n{{ event.attempt.no_such_field }}\n")
+    mail = make_email(config(smtp.port, subject_template=str(broken)))
+    with pytest.raises(PermanentError, match=rf"template error: .*{broken}, line 2"):
+        await mail.deliver(delivery(event))
+    assert mail.connections_opened == 0
 
 
 # --------------------------------------------------------------------------- end to end
