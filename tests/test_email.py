@@ -270,8 +270,8 @@ async def test_html_body_escapes_learner_name_but_text_does_not(
     smtp: SmtpServer, make_email: Callable[..., EmailDelivery], event: ExamResultsReleased
 ) -> None:
     """Values in the HTML part are HTML-escaped (a name like <script> cannot inject markup);
-    the plain-text part shows them as they are."""
-    hostile = with_user(event, name="<script>alert(1)</script> & Co")
+    the plain-text part shows them as they are; a line break in the name cannot add a header."""
+    hostile = with_user(event, name="<script>alert(1)</script> & Co\r\nBcc: x@evil.example")
     await make_email(config(smtp.port)).deliver(delivery(hostile))
     [received] = await smtp.handler.wait_for(1)
     html = received.message.get_body(("html",))
@@ -280,6 +280,8 @@ async def test_html_body_escapes_learner_name_but_text_does_not(
     assert "<script>" not in html.get_content()
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; Co" in html.get_content()
     assert "<script>alert(1)</script> & Co" in text.get_content()
+    # the name cannot add a header either
+    assert received.rcpt_tos == [LEARNER] and received.message["Bcc"] is None
 
 
 async def test_custom_templates_and_fail_templates_chosen_by_is_pass(

@@ -389,9 +389,9 @@ class EmailDelivery(Integration[EmailIntegration]):
         message = EmailMessage()
         message["Subject"] = subject
         message["From"] = sender
-        message["To"] = Address(
-            display_name=event.user.name, username=learner.username, domain=learner.domain
-        )
+        # a line break in a header would be refused by the email package: fold the name
+        name = " ".join(event.user.name.split())
+        message["To"] = Address(display_name=name, username=learner.username, domain=learner.domain)
         if reply_to is not None:
             message["Reply-To"] = reply_to
         message["Date"] = formatdate(localtime=False, usegmt=True)
