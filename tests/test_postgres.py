@@ -17,6 +17,7 @@ import secrets
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -242,6 +243,43 @@ async def test_unparseable_released_at_is_permanent(sample_body: bytes) -> None:
     with pytest.raises(PermanentError, match="releasedAt"):
         await delivery.deliver(delivery_of(body))
     assert delivery.pool is None
+
+
+@pytest.mark.parametrize("dsn", ["postgresql://u:hunter2@127.0.0.1:abc/db", "postgresql://u:hunter2@[::1/db"])
+async def test_unparseable_dsn_is_permanent(dsn: str, sample_body: bytes) -> None:
+    """A DSN asyncpg cannot parse is a permanent error (retrying cannot fix it); start()
+    only logs it, and the password is not in the message."""
+    pg = PostgresDelivery(PostgresIntegration(name="pg", dsn=dsn))
+    await pg.start()
+    with pytest.raises(PermanentError, match="bad connection settings") as caught:
+        await pg.deliver(delivery_of(sample_body))
+    assert "hunter2" not in caught.value.message
+    assert "hunter2" not in pg.where
+
+
+async def test_password_never_in_errors_or_logs(sample_body: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """The DSN's password appears neither in start()'s log nor in a delivery error, even if
+    an underlying error message were to quote it."""
+    port = await unused_port()
+    pg = PostgresDelivery(
+        PostgresIntegration(name="pg", dsn=f"postgresql://u:hunter2@127.0.0.1:{port}/db", timeout_seconds=2)
+    )
+    with caplog.at_level("INFO", logger="examhook.worker.postgres"):
+        await pg.start()
+    assert "u:***@127.0.0.1" in caplog.text
+    assert "hunter2" not in caplog.text
+    with pytest.raises(TransientError) as caught:
+        await pg.deliver(delivery_of(sample_body))
+    assert "hunter2" not in caught.value.message
+    quoted = pg._error(OSError("could not connect with password hunter2"))
+    assert isinstance(quoted, TransientError)
+    assert quoted.message.endswith("password ***")
+
+
+def test_docs_show_the_ddl_in_use() -> None:
+    """docs/postgres.md shows exactly the DDL the integration runs for the default table."""
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "postgres.md").read_text()
+    assert "```sql\n" + ddl() + "```" in docs
 
 
 def test_dsn_must_be_postgres_url() -> None:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -160,6 +161,21 @@ def parse_time(value: str) -> datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
+def safe_mask(dsn: str) -> str:
+    """The DSN with its password hidden; a DSN that does not even parse is not shown at all."""
+    try:
+        return mask_url(dsn)
+    except ValueError:
+        return "(unparseable dsn)"
+
+
+def _password(dsn: str) -> str | None:
+    try:
+        return urlsplit(dsn).password
+    except ValueError:
+        return None
+
+
 def _whole(value: float) -> int | None:
     return int(value) if value.is_integer() and abs(value) < 2**31 else None
 
@@ -250,7 +266,7 @@ class PostgresDelivery(Integration[PostgresIntegration]):
 
     @property
     def where(self) -> str:
-        return f"{mask_url(self.config.dsn)} table {self.table!r}"
+        return f"{safe_mask(self.config.dsn)} table {self.table!r}"
 
     async def start(self) -> None:
         """Connect and create the table; on failure log it and try again at the first delivery."""
@@ -261,14 +277,15 @@ class PostgresDelivery(Integration[PostgresIntegration]):
             async with asyncio.timeout(self.timeout):
                 await self._ready()
         except Exception as exc:
-            error = classify(exc, self.table, self.timeout)
+            error = self._error(exc)
             log.error(
-                "postgres not ready at start (will try again on delivery): %s",
+                "postgres %s not ready at start (will try again on delivery): %s",
+                safe_mask(self.config.dsn),
                 error.message,
-                extra={"integration": self.name, "target": mask_url(self.config.dsn)},
+                extra={"integration": self.name},
             )
         else:
-            log.info("postgres ready", extra={"integration": self.name, "target": self.where})
+            log.info("postgres ready: %s", self.where, extra={"integration": self.name})
 
     async def close(self) -> None:
         pool, self.pool = self.pool, None
@@ -289,11 +306,20 @@ class PostgresDelivery(Integration[PostgresIntegration]):
                 pool = await self._ready()
                 async with pool.acquire() as connection:
                     inserted = await connection.fetchval(self._upsert, *args)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
-            raise classify(exc, self.table, self.timeout) from None
+            raise self._error(exc) from None
         return "inserted" if inserted else "updated"
+
+    def _error(self, exc: BaseException) -> TransientError | PermanentError:
+        """:func:`classify`, with the DSN's password blanked should any message quote it."""
+        error = classify(exc, self.table, self.timeout)
+        password = _password(self.config.dsn)
+        if password and password in error.message:
+            message = error.message.replace(password, "***")
+            if isinstance(error, TransientError):
+                return TransientError(message, status=error.status, retry_after=error.retry_after)
+            return PermanentError(message, status=error.status)
+        return error
 
     async def _ready(self) -> Any:
         """The pool, created (and the schema ensured) if not done yet."""
@@ -301,13 +327,18 @@ class PostgresDelivery(Integration[PostgresIntegration]):
             return self.pool
         async with self._lock:
             if self.pool is None:
-                self.pool = await asyncpg.create_pool(
-                    self.config.dsn,
-                    min_size=1,
-                    max_size=self.config.pool_max_size,
-                    timeout=self.timeout,  # connection establishment
-                    server_settings={"application_name": "examhook"},
-                )
+                try:
+                    self.pool = await asyncpg.create_pool(
+                        self.config.dsn,
+                        min_size=1,
+                        max_size=self.config.pool_max_size,
+                        timeout=self.timeout,  # connection establishment
+                        server_settings={"application_name": "examhook"},
+                    )
+                except ValueError as exc:  # the DSN does not parse (ClientConfigurationError is one too)
+                    raise PermanentError(
+                        f"postgres table {self.table!r}: bad connection settings in dsn: {exc}"
+                    ) from None
             if not self.schema_ready:
                 async with self.pool.acquire() as connection:
                     await self._ensure_schema(connection)
@@ -333,6 +364,7 @@ class PostgresDelivery(Integration[PostgresIntegration]):
             if not exists:
                 raise
             log.warning(
-                "no privilege to run the DDL; using the existing table and view",
-                extra={"integration": self.name, "target": self.where},
+                "postgres %s: no privilege to run the DDL; using the existing table and view",
+                self.where,
+                extra={"integration": self.name},
             )
