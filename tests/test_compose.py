@@ -80,8 +80,9 @@ def published_ports(svc: dict[str, Any]) -> list[tuple[str | None, int]]:
     result: list[tuple[str | None, int]] = []
     for entry in svc.get("ports") or []:
         if isinstance(entry, dict):
-            result.append((str(entry.get("published")) if "published" in entry else None,
-                           int(entry["target"])))
+            result.append(
+                (str(entry.get("published")) if "published" in entry else None, int(entry["target"]))
+            )
             continue
         text = str(entry).split("/")[0]
         host, _, container = text.rpartition(":")
@@ -140,8 +141,9 @@ def dockerignore_excludes(path: str) -> bool:
         negate = line.startswith("!")
         pattern = line.removeprefix("!").rstrip("/").removeprefix("./")
         candidates = [path] + ["/".join(path.split("/")[:i]) for i in range(1, path.count("/") + 1)]
-        if any(fnmatch.fnmatch(c, pattern) or fnmatch.fnmatch(c, pattern.removeprefix("**/"))
-               for c in candidates):
+        if any(
+            fnmatch.fnmatch(c, pattern) or fnmatch.fnmatch(c, pattern.removeprefix("**/")) for c in candidates
+        ):
             excluded = not negate
     return excluded
 
@@ -194,18 +196,23 @@ def test_redis_is_durable_and_never_evicts(compose: dict[str, Any]) -> None:
     volume, and a `redis-cli ping` healthcheck."""
     redis = service(compose, "redis")
     assert str(redis["image"]).split("@")[0] in ("redis:7", "redis:7-alpine") or re.fullmatch(
-        r"redis:7(\.\d+)*(-\w+)?", str(redis["image"]))
+        r"redis:7(\.\d+)*(-\w+)?", str(redis["image"])
+    )
     command = redis["command"]
     args = command.split() if isinstance(command, str) else [str(a) for a in command]
     pairs = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
     assert pairs.get("--appendonly") == "yes"
     assert pairs.get("--appendfsync") in ("everysec", "always")
     assert pairs.get("--maxmemory-policy") == "noeviction"
-    data_volumes = [v for v in redis.get("volumes", []) if str(v).split(":")[1:2] == ["/data"]
-                    or (isinstance(v, dict) and v.get("target") == "/data")]
+    data_volumes = [
+        v
+        for v in redis.get("volumes", [])
+        if str(v).split(":")[1:2] == ["/data"] or (isinstance(v, dict) and v.get("target") == "/data")
+    ]
     assert data_volumes, "redis /data must be on a volume"
-    volume_name = data_volumes[0]["source"] if isinstance(data_volumes[0], dict) \
-        else str(data_volumes[0]).split(":")[0]
+    volume_name = (
+        data_volumes[0]["source"] if isinstance(data_volumes[0], dict) else str(data_volumes[0]).split(":")[0]
+    )
     assert volume_name in (compose.get("volumes") or {}), "use a named volume, declared at top level"
     assert "redis-cli ping" in " ".join(healthcheck_test(redis))
     assert not redis.get("ports"), "Redis must not be published on the host"
@@ -263,8 +270,11 @@ def test_services_are_configured_by_environment_and_a_readonly_file(
     assert env["EXAMHOOK_REDIS_URL"] == "redis://redis:6379/0"
     assert env["EXAMHOOK_CONFIG"] == CONFIG_TARGET
     mounts = [v for v in svc.get("volumes", []) if isinstance(v, dict) and v.get("target") == CONFIG_TARGET]
-    mounts += [{"source": s.split(":")[0], "read_only": s.endswith(":ro")}
-               for s in svc.get("volumes", []) if isinstance(s, str) and s.split(":")[1:2] == [CONFIG_TARGET]]
+    mounts += [
+        {"source": s.split(":")[0], "read_only": s.endswith(":ro")}
+        for s in svc.get("volumes", [])
+        if isinstance(s, str) and s.split(":")[1:2] == [CONFIG_TARGET]
+    ]
     assert len(mounts) == 1 and mounts[0]["read_only"] is True
     assert "examhook.toml" in str(mounts[0]["source"])
     needed = {var for var, _ in references(tomllib.loads(EXAMPLE_TOML.read_text(encoding="utf-8")))}
@@ -300,8 +310,9 @@ def test_no_secret_values_in_compose(compose: dict[str, Any]) -> None:
                 assert WHOLE_REFERENCE.match(value), f"{name}.{var} must be a ${{...}} reference"
                 match = REFERENCE.fullmatch(value)
                 assert match, value
-                assert match.group(2) in (":?", "?") or value.endswith(("-}", ":-}")), \
+                assert match.group(2) in (":?", "?") or value.endswith(("-}", ":-}")), (
                     f"{name}.{var} must be required or default to empty, not to a value"
+                )
     values = strings(compose)
     assert not any(re.search(r"whsec_[A-Za-z0-9+/]", v) for v in values)
     assert not any(re.search(r"Bearer\s+[A-Za-z0-9]", v) for v in values)
@@ -334,16 +345,22 @@ def test_dockerfile_runs_examhook_receive_as_non_root() -> None:
     `examhook` console script with default CMD `receive` (accepted by the real CLI), it
     runs as a non-root user and exposes 8080."""
     instructions = dockerfile_instructions()
-    args = {name.split("=", 1)[0]: name.split("=", 1)[1] for kw, name in instructions
-            if kw == "ARG" and "=" in name}
-    bases = [re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), rest.split()[0])
-             for kw, rest in instructions if kw == "FROM"]
+    args = {
+        name.split("=", 1)[0]: name.split("=", 1)[1]
+        for kw, name in instructions
+        if kw == "ARG" and "=" in name
+    }
+    bases = [
+        re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), rest.split()[0])
+        for kw, rest in instructions
+        if kw == "FROM"
+    ]
     assert len(bases) >= 2, "multi-stage build"
     assert all(base == "python:3.11-slim" for base in bases), bases
     assert any(kw == "COPY" and rest.startswith("--from=") for kw, rest in instructions)
     assert any(kw == "RUN" and re.search(r"pip install (\S+ )*\.(\s|$)", rest) for kw, rest in instructions)
 
-    final = instructions[max(i for i, (kw, _) in enumerate(instructions) if kw == "FROM"):]
+    final = instructions[max(i for i, (kw, _) in enumerate(instructions) if kw == "FROM") :]
     entrypoint = [exec_form(rest) for kw, rest in final if kw == "ENTRYPOINT"]
     cmd = [exec_form(rest) for kw, rest in final if kw == "CMD"]
     assert entrypoint[-1] == ["examhook"]
@@ -390,8 +407,15 @@ def test_dockerignore_keeps_secrets_and_clutter_out_of_the_build_context() -> No
     assert not dockerignore_excludes(pyproject["project"]["readme"])
     assert not dockerignore_excludes("shared/lua/ingest.lua")
     assert not dockerignore_excludes("worker/integrations/templates/email_text.txt")
-    for path in (".env", "examhook.toml", ".git/config", ".venv/bin/python", ".examhook/dump.rdb",
-                 "cli/__pycache__/main.cpython-311.pyc", "tests/test_compose.py"):
+    for path in (
+        ".env",
+        "examhook.toml",
+        ".git/config",
+        ".venv/bin/python",
+        ".examhook/dump.rdb",
+        "cli/__pycache__/main.cpython-311.pyc",
+        "tests/test_compose.py",
+    ):
         assert dockerignore_excludes(path), path
 
 
@@ -421,8 +445,12 @@ def test_example_config_passes_check_config_and_needs_its_secrets() -> None:
     masked in the output) and refuses it when LMS_TOKEN is unset (exit 2)."""
     runner = CliRunner()
     env = {k: v for k, v in example_env().items() if not k.startswith("EXAMHOOK_")}
-    env |= {"EXAMHOOK_CONFIG": str(EXAMPLE_TOML), "EXAMHOOK_REDIS_URL": None,
-            "EXAMHOOK_BASIC_AUTH_USER": None, "EXAMHOOK_BASIC_AUTH_PASSWORD": None}
+    env |= {
+        "EXAMHOOK_CONFIG": str(EXAMPLE_TOML),
+        "EXAMHOOK_REDIS_URL": None,
+        "EXAMHOOK_BASIC_AUTH_USER": None,
+        "EXAMHOOK_BASIC_AUTH_PASSWORD": None,
+    }
     ok = runner.invoke(cli, ["check-config"], env=env)
     assert ok.exit_code == 0, ok.output
     assert "configuration OK" in ok.output
