@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from ingest import handlers
+from ingest.admin import setup_admin
 from ingest.appkeys import AUTH, METRICS, QUEUE, REDIS, SETTINGS, STORE
 from ingest.auth import BasicAuth
 from ingest.batching import GroupCommit
@@ -35,6 +36,7 @@ def create_app(settings: Settings, *, require_auth: bool = True) -> web.Applicat
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
+    setup_admin(app)
     return app
 
 
