@@ -1,0 +1,167 @@
+"""Worker drain rate: examhook workers delivering a preloaded queue vs stock arq no-op jobs.
+
+    /work/venv/bin/python bench/drain.py             # 20,000 jobs per case (~1-2 minutes)
+    /work/venv/bin/python bench/drain.py --quick     # 4,000 jobs per case
+    /work/venv/bin/python bench/drain.py --profile   # + py-spy profile of one examhook worker
+
+For each case a fresh Redis (appendfsync everysec, own data dir) is preloaded with N
+events - through examhook's own write path, ``Store.accept_batch``, exactly what the
+receiver's group commit calls - then 1 or 2 worker processes run in burst mode
+(exit when the queue is empty) delivering every event to a local aiohttp destination
+(``http`` integration) that answers 200 at once. Time is from the first worker being
+ready (startup done) to the last one exiting; the destination must have received each
+event exactly once.
+
+Baseline: stock arq (pickle serializer, default keep_result) draining N no-op jobs with
+the same max_jobs (50) and poll_delay (0.05 s), 1 and 2 processes. Target: >= 70%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    Stack, free_port, get_json, http_ok, install_signal_handlers, machine, profile_summary, py_spy,
+    settings_dict, table, verdict, wait_for, write_settings,
+)
+import psutil  # noqa: E402
+from _load import preload_arq_noop, preload_examhook  # noqa: E402
+
+TARGET = 0.70
+ARQ_QUEUE = "arq:queue"
+
+
+def _cpu(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def run_case(kind: str, procs: int, args: argparse.Namespace, profile_to: Path | None = None) -> dict[str, Any]:
+    n = args.events
+    with Stack(f"drain-{kind}-{procs}") as stack:
+        redis = stack.redis(appendfsync="everysec", server=args.redis_server)
+        worker_args: list[str]
+        if kind == "examhook":
+            dport = free_port()
+            dest = stack.python("destination", "destination.py", "--port", str(dport))
+            wait_for(lambda: http_ok(f"http://127.0.0.1:{dport}/stats"), 20, f"destination:\n{dest.tail()}")
+            raw = settings_dict(redis.url, destination=f"http://127.0.0.1:{dport}/hook", log_level=args.log_level)
+            settings = write_settings(stack, raw)
+            loaded = asyncio.run(preload_examhook(raw, n))
+            worker_args = ["--kind", "examhook", "--settings", str(settings)]
+        else:
+            loaded = asyncio.run(preload_arq_noop(redis.url, n, ARQ_QUEUE))
+            worker_args = ["--kind", "arq-noop", "--redis-url", redis.url, "--queue", ARQ_QUEUE]
+        if loaded != n:
+            raise RuntimeError(f"preloaded {loaded} of {n}")
+        mem_loaded = int(redis.info()["used_memory"])
+        redis_cpu0 = _cpu(redis.proc.pid)
+        workers = []
+        for i in range(procs):
+            status = stack.dir / f"worker{i}.json"
+            proc = stack.python(f"worker{i}", "run_worker.py", *worker_args, "--burst", "--max-jobs",
+                                str(args.max_jobs), "--poll-delay", str(args.poll_delay), "--status-file", str(status))
+            workers.append((proc, status))
+        spy = None
+        if profile_to is not None:
+            wait_for(lambda: Path(str(workers[0][1]) + ".ready").exists(), 30, "worker not ready")
+            spy = stack.spawn("py-spy", [py_spy() or "py-spy", "record", "--pid", str(workers[0][0].pid), "-r", "250",
+                                         "-f", "raw", "-o", str(profile_to)])
+        deadline = time.monotonic() + args.timeout
+        for proc, _ in workers:
+            remaining = max(1.0, deadline - time.monotonic())
+            try:
+                proc.popen.wait(remaining)
+            except Exception:
+                raise RuntimeError(f"worker did not finish within {args.timeout}s:\n{proc.tail()}") from None
+        if spy is not None:
+            spy.popen.wait(30)
+        stats = []
+        for proc, status in workers:
+            if not status.exists():
+                raise RuntimeError(f"{proc.name} failed:\n{proc.tail()}")
+            stats.append(json.loads(status.read_text()))
+        start = min(s["ready"] for s in stats)
+        end = max(s["end"] for s in stats)
+        result: dict[str, Any] = {
+            "seconds": end - start,
+            "jobs_per_s": n / (end - start),
+            "complete": sum(s["complete"] for s in stats),
+            "failed": sum(s["failed"] for s in stats),
+            "rss_start_mb": max(s["rss_start"] for s in stats) / 2**20,
+            "rss_end_mb": max(s["rss_end"] for s in stats) / 2**20,
+            "queue_left": int(redis.cmd("ZCARD", "examhook:queue" if kind == "examhook" else ARQ_QUEUE)),
+            "mem_loaded_mb": mem_loaded / 2**20,
+            "cpu_us": sum(s["cpu_end"] - s["cpu_ready"] for s in stats) / n * 1e6,
+            "redis_cpu_us": (_cpu(redis.proc.pid) - redis_cpu0) / n * 1e6,
+        }
+        if kind == "examhook":
+            d = get_json(f"http://127.0.0.1:{dport}/stats")
+            result["delivered"], result["distinct"] = d["total"], d["distinct"]
+            result["exactly_once"] = d["total"] == n and d["distinct"] == n
+        else:
+            result["exactly_once"] = result["complete"] == n
+        return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--quick", action="store_true", help="4,000 events")
+    parser.add_argument("--procs", default="1,2", help="worker process counts to run")
+    parser.add_argument("--max-jobs", type=int, default=50, help="arq max_jobs (examhook worker.concurrency default)")
+    parser.add_argument("--poll-delay", type=float, default=0.05, help="arq poll_delay (examhook default)")
+    parser.add_argument("--log-level", default="info", help="examhook log_level (product default: info)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="per case")
+    parser.add_argument("--profile", action="store_true", help="also profile one examhook worker with py-spy")
+    parser.add_argument("--profile-out", default=None)
+    parser.add_argument("--redis-server", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.events = 4_000
+    install_signal_handlers()
+    print(f"# drain benchmark | {machine()}")
+    print(f"# {args.events} jobs per case, max_jobs={args.max_jobs}, poll_delay={args.poll_delay}, burst mode;"
+          f" examhook log_level={args.log_level}")
+    rows, checks = [], []
+    for procs in [int(p) for p in args.procs.split(",")]:
+        print(f"  {procs} process(es): arq no-op ...", flush=True)
+        base = run_case("arq-noop", procs, args)
+        print(f"  {procs} process(es): examhook ...", flush=True)
+        ex = run_case("examhook", procs, args)
+        ratio = ex["jobs_per_s"] / base["jobs_per_s"]
+        ok = ratio >= TARGET and ex["exactly_once"] and base["exactly_once"]
+        checks.append(ok)
+        rows.append([str(procs), f"{base['jobs_per_s']:.0f}", f"{ex['jobs_per_s']:.0f}", f"{ratio:.2f}",
+                     f">={TARGET:.0%}", f"{base['cpu_us']:.0f} / {ex['cpu_us']:.0f}",
+                     f"{base['redis_cpu_us']:.0f} / {ex['redis_cpu_us']:.0f}", f"{ex['delivered']}/{ex['distinct']}", f"{ex['rss_start_mb']:.0f}->"
+                     f"{ex['rss_end_mb']:.0f}", verdict(ok)])
+    print()
+    print(table(rows, ["procs", "arq no-op jobs/s", "examhook jobs/s", "ratio", "target",
+                       "worker CPU us/job (arq/examhook)", "redis CPU us/job (arq/examhook)", "delivered/distinct", "worker RSS MB", "result"]))
+    if args.profile:
+        with Stack("drain-profile") as holder:
+            raw = Path(args.profile_out) if args.profile_out else holder.dir / "worker.raw"
+            print("\nprofiling one examhook worker draining the queue with py-spy ...", flush=True)
+            run_case("examhook", 1, args, profile_to=raw)
+            print(profile_summary(raw, focus=("worker/", "shared/")))
+    print("(jobs/s: events / (last worker exit - first worker ready); CPU us/job = worker processes' CPU time"
+          " while draining / jobs, robust to machine noise)")
+    print(f"\noverall: {'PASS' if all(checks) else 'FAIL'}")
+    return 0 if all(checks) else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; all processes stopped", file=sys.stderr)
+        sys.exit(130)
