@@ -289,8 +289,6 @@ async def _idle(redis: Redis, prefix: str) -> bool:
     return True
 
 
-# arq's Worker.close() calls redis' deprecated close() (teardown of start_worker).
-@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
 async def test_each_integration_gets_only_matching_events(
     aiohttp_client: Any,
     make_settings: Callable[..., Settings],

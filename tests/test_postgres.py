@@ -602,8 +602,6 @@ async def _equals(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
 
 
-# arq's Worker.close() calls redis' deprecated close(); see the report to conftest's owner.
-@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
 @pytest.mark.postgres
 async def test_end_to_end_through_receiver_and_worker(
     table: str,
