@@ -114,6 +114,11 @@ class WorkerConfig(Base):
     health_check_interval_seconds: PositiveInt = 10
     # arq's job timeout; by default the largest integration timeout plus 10 s.
     job_timeout_seconds: PositiveFloat | None = None
+    # On SIGTERM/SIGINT: stop taking jobs, let running deliveries finish for this long,
+    # then cancel the rest (they are requeued without spending an attempt).
+    shutdown_grace_seconds: Annotated[int, msgspec.Meta(ge=0)] = 25
+    # How often an idle worker looks at the queue.
+    poll_delay_seconds: PositiveFloat = 0.05
 
 
 class RetentionConfig(Base):

@@ -60,7 +60,7 @@ def worker_settings(
     burst: bool = False,
     concurrency: int | None = None,
     handle_signals: bool = True,
-    poll_delay: float = 0.05,
+    poll_delay: float | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``arq.worker.Worker`` (what arq calls ``WorkerSettings``)."""
     keys = Keys(settings.redis.prefix)
@@ -83,7 +83,9 @@ def worker_settings(
         # examhook keeps its own delivery records; arq's results would only block
         # re-enqueueing a job id (``failures retry``).
         "keep_result": 0,
-        "poll_delay": poll_delay,
+        "poll_delay": settings.worker.poll_delay_seconds if poll_delay is None else poll_delay,
+        # SIGTERM: finish running deliveries within the grace period, then requeue the rest
+        "job_completion_wait": settings.worker.shutdown_grace_seconds,
         "burst": burst,
         "handle_signals": handle_signals,
         "ctx": {"settings": settings},
