@@ -246,7 +246,8 @@ def failures() -> None:
     """Failed deliveries: list, show, retry, purge."""
 
 
-def _parse_age(value: str | None) -> float | None:
+def _parse_age(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """Click callback: ``30m``, ``12h``, ``7d`` or seconds, as seconds."""
     if value is None:
         return None
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -261,15 +262,16 @@ def _parse_age(value: str | None) -> float | None:
 @failures.command("list")
 @click.option("--integration", default=None)
 @click.option("--exam", "exam_id", default=None, help="Only failures of this exam id.")
-@click.option("--older-than", default=None, help="Last attempt at least this long ago (30m, 12h, 7d).")
-@click.option("--newer-than", default=None, help="Last attempt at most this long ago.")
+@click.option("--older-than", default=None, callback=_parse_age,
+              help="Last attempt at least this long ago (30m, 12h, 7d).")
+@click.option("--newer-than", default=None, callback=_parse_age, help="Last attempt at most this long ago.")
 @json_option
 @data_dir_option
 @config_option
-def failures_list(integration: str | None, exam_id: str | None, older_than: str | None, newer_than: str | None,
-                  as_json: bool, data_dir: str, config_path: str | None) -> None:
+def failures_list(integration: str | None, exam_id: str | None, older_than: float | None,
+                  newer_than: float | None, as_json: bool, data_dir: str, config_path: str | None) -> None:
     """One row per failed delivery."""
-    older, newer = _parse_age(older_than), _parse_age(newer_than)
+    older, newer = older_than, newer_than
     settings = inspection_settings(config_path, data_dir)
     rows = run_inspection(settings, lambda i: i.failures(integration, exam_id, older, newer))
     import msgspec

@@ -143,5 +143,27 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[METRICS].registry
+    app = request.app
+    registry = app[METRICS].registry
+    try:
+        await _queue_gauges(app)
+    except (RedisError, OSError):
+        pass  # the queue gauges keep their last value; /readyz reports the outage
     return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _queue_gauges(app: web.Application) -> None:
+    metrics, redis, keys = app[METRICS], app[REDIS], app[STORE].keys
+    now = now_ms()
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcount(keys.queue, "-inf", now)
+        pipe.zcount(keys.queue, f"({now}", "+inf")
+        pipe.zrangebyscore(keys.queue, "-inf", now, start=0, num=1, withscores=True)
+        pipe.zcard(keys.failures)
+        pipe.zcard(keys.rejected)
+        due, scheduled, oldest, failures, rejected = await pipe.execute()
+    metrics.queue_depth.labels("queued").set(due)
+    metrics.queue_depth.labels("scheduled").set(scheduled)
+    metrics.oldest_age.set((now - oldest[0][1]) / 1000 if oldest else 0)
+    metrics.failures.set(failures)
+    metrics.rejected.set(rejected)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class ReceiverMetrics:
@@ -32,3 +32,19 @@ class ReceiverMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
+        # Read from Redis at scrape time (the queue is shared by every receiver and worker).
+        self.queue_depth = Gauge(
+            "examhook_queue_jobs",
+            "Jobs in the queue: due now (queued, including running) or scheduled retries.",
+            ["state"],
+            registry=self.registry,
+        )
+        self.oldest_age = Gauge(
+            "examhook_queue_oldest_age_seconds",
+            "Age of the oldest job that is due (0 when none).",
+            registry=self.registry,
+        )
+        self.failures = Gauge(
+            "examhook_failures", "Failed deliveries kept for inspection.", registry=self.registry
+        )
+        self.rejected = Gauge("examhook_rejected", "Bodies in the quarantine.", registry=self.registry)

@@ -32,7 +32,7 @@ Jobs are arq jobs serialised with msgpack (see :func:`encode_job`):
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -59,9 +59,12 @@ def event_id(event: ExamResultsReleased) -> str:
 def released_ms(event: ExamResultsReleased) -> int:
     """``attempt.audit.releasedAt`` as epoch milliseconds (0 when it is not ISO 8601)."""
     try:
-        return int(datetime.fromisoformat(event.attempt.audit.released_at).timestamp() * 1000)
+        moment = datetime.fromisoformat(event.attempt.audit.released_at)
     except ValueError:
         return 0
+    if moment.tzinfo is None:  # no offset given: read as UTC, never as this machine's zone
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
 
 
 def encode_job(function: str, args: tuple[Any, ...], enqueue_time_ms: int, job_try: int | None = None) -> bytes:

@@ -85,7 +85,8 @@ class EmailIntegration(IntegrationBase, tag="email", kw_only=True):
 
 class PostgresIntegration(IntegrationBase, tag="postgres", kw_only=True):
     dsn: str
-    table: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")] = "exam_results"
+    # at most 55 characters, so "<table>_current" and index names fit PostgreSQL's 63
+    table: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,54}$")] = "exam_results"
     pool_max_size: PositiveInt = 5
 
 
@@ -193,7 +194,10 @@ def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None 
             raise ConfigError(f"{file}: not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
-        raw = _substitute(raw, env, "")
+        try:
+            raw = _substitute(raw, env, "")
+        except ConfigError as exc:
+            raise ConfigError(f"{file}: {exc}") from None
     for var, (section, key) in ENV_OVERRIDES.items():
         value = env.get(var)
         if value is None or value == "":
@@ -331,9 +335,12 @@ def _mask(value: Any, key: str = "") -> Any:
 
 def mask_url(url: str) -> str:
     """Hide the password in a URL such as ``redis://user:secret@host``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return "***"  # unparseable: show nothing that could be a password
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

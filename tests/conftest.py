@@ -10,6 +10,7 @@ other's data even on a shared server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
@@ -104,6 +105,7 @@ class Destination:
     responses: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     hang: float = 0.0
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _closing: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[Received]:
         async with asyncio.timeout(timeout), self._arrived:
@@ -116,7 +118,9 @@ class Destination:
             self.requests.append(Received(dict(request.headers), body, time.monotonic()))
             self._arrived.notify_all()
         if self.hang:
-            await asyncio.sleep(self.hang)
+            # wait out the hang, or until the fixture shuts down
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.hang)
         status, headers = self.responses.pop(0) if self.responses else (200, {})
         return web.Response(status=status, headers=headers, text="ok" if status < 300 else "nope")
 
@@ -131,6 +135,7 @@ async def destination(unused_tcp_port_factory: Callable[[], int]) -> AsyncIterat
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     yield dest
+    dest._closing.set()
     await runner.cleanup()
 
 

@@ -249,6 +249,9 @@ async def test_health_ready_metrics(client: Any, sample_body: bytes) -> None:
     text = await response.text()
     assert 'examhook_receiver_requests_total{status="202"} 1.0' in text
     assert 'examhook_receiver_events_total{result="accepted"} 1.0' in text
+    assert 'examhook_queue_jobs{state="queued"} 1.0' in text  # read from Redis at scrape time
+    assert "examhook_queue_oldest_age_seconds" in text
+    assert "examhook_receiver_enqueue_seconds_bucket" in text
 
 
 async def test_receive_refuses_to_start_without_credentials(make_settings: Any) -> None:

@@ -1,0 +1,171 @@
+"""Graceful shutdown with real processes and real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from shared.contract import Keys
+from tests.conftest import Destination, eventually
+
+pytestmark = pytest.mark.slow
+
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(), "Content-Type": "application/json"}
+
+
+def write_config(path: Path, redis_url: str, prefix: str, destination: Destination | None = None,
+                 grace: int = 25) -> Path:
+    text = (
+        f'[redis]\nurl = "{redis_url}"\nprefix = "{prefix}"\n'
+        '[receiver]\nbasic_auth_user = "synap"\nbasic_auth_password = "s3cret"\n'
+        f"[worker]\nhealth_check_interval_seconds = 1\nshutdown_grace_seconds = {grace}\n"
+    )
+    if destination is not None:
+        text += (
+            f'[[integrations]]\nname = "lms"\ntype = "http"\nurl = "{destination.url}"\n'
+            "timeout_seconds = 20\nbackoff_base_seconds = 0.05\nbackoff_max_seconds = 0.1\n"
+        )
+    path.write_text(text)
+    return path
+
+
+def spawn(config: Path, *args: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "EXAMHOOK_CONFIG": str(config), "EXAMHOOK_LOG_LEVEL": "warning"}
+    for name in ("EXAMHOOK_REDIS_URL", "EXAMHOOK_BASIC_AUTH_USER", "EXAMHOOK_BASIC_AUTH_PASSWORD"):
+        env.pop(name, None)
+    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env)
+
+
+async def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int:
+    return await asyncio.wait_for(asyncio.to_thread(process.wait), timeout)
+
+
+def variant(body: bytes, i: int) -> bytes:
+    data = json.loads(body)
+    data["attempt"]["id"] = f"att_shutdown_{i}"
+    return json.dumps(data).encode()
+
+
+async def test_receiver_sigterm_never_accepts_and_loses(tmp_path: Path, redis_url: str, prefix: str,
+                                                         redis: Redis, sample_body: bytes,
+                                                         unused_tcp_port_factory: Any) -> None:
+    """SIGTERM during a burst: the receiver exits cleanly, and every request answered 202 has its
+    event in Redis; the others ended in an error the sender would retry (never accepted-but-lost)."""
+    port = unused_tcp_port_factory()
+    receiver = spawn(write_config(tmp_path / "c.toml", redis_url, prefix), "receive", "--port", str(port))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def ready() -> bool:
+                try:
+                    async with session.get(url + "/readyz") as r:
+                        return r.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await eventually(ready, timeout=20)
+
+            async def post(i: int) -> tuple[int, str | None]:
+                try:
+                    async with session.post(url + "/webhooks/exam-results-released",
+                                            data=variant(sample_body, i), headers=AUTH) as r:
+                        answer = await r.json() if r.status < 300 else {}
+                        return r.status, answer.get("event_id")
+                except aiohttp.ClientError:
+                    return -1, None
+
+            tasks = [asyncio.create_task(post(i)) for i in range(400)]
+            await asyncio.sleep(0)  # let the first requests start before the signal
+            await eventually(lambda: _queued_some(redis, prefix), timeout=10, interval=0.001)
+            receiver.send_signal(signal.SIGTERM)
+            results = await asyncio.gather(*tasks)
+        assert await wait_exit(receiver, 40) == 0
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+    accepted = [event_id for status, event_id in results if status == 202]
+    assert accepted, "the burst should have been partly accepted before the signal"
+    keys = Keys(prefix)
+    for event_id in accepted:
+        assert event_id is not None
+        assert await redis.exists(keys.event(event_id)), f"{event_id} answered 202 but is not queued"
+    assert all(status in (202, 503, -1) for status, _ in results)
+
+
+async def _queued_some(redis: Redis, prefix: str) -> bool:
+    return bool(await redis.zcard(Keys(prefix).queue))
+
+
+async def test_worker_sigterm_finishes_running_delivery(tmp_path: Path, redis_url: str, prefix: str, redis: Redis,
+                                                        destination: Destination, sample_body: bytes,
+                                                        aiohttp_client: Any, make_settings: Any) -> None:
+    """SIGTERM while a delivery is in flight: the worker lets it finish (within the grace period),
+    records it delivered after one attempt, and exits 0."""
+    from ingest.app import create_app
+
+    destination.hang = 1.0
+    config = write_config(tmp_path / "c.toml", redis_url, prefix, destination, grace=20)
+    client = await aiohttp_client(create_app(make_settings()))
+    event_id = (await (await client.post("/webhooks/exam-results-released", data=sample_body,
+                                         headers=AUTH)).json())["event_id"]
+    worker = spawn(config, "worker")
+    try:
+        await destination.wait_for_requests(1, timeout=20)
+        worker.send_signal(signal.SIGTERM)
+        assert await wait_exit(worker, 20) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    keys = Keys(prefix)
+    assert await redis.exists(keys.delivered(event_id, "lms"))
+    assert await redis.hget(keys.pair(event_id, "lms"), "attempts") == b"1"
+    assert len(destination.requests) == 1
+
+
+async def test_worker_sigterm_requeues_without_spending_an_attempt(tmp_path: Path, redis_url: str, prefix: str,
+                                                                    redis: Redis, destination: Destination,
+                                                                    sample_body: bytes, aiohttp_client: Any,
+                                                                    make_settings: Any) -> None:
+    """A delivery still running when the grace period ends is cancelled and requeued; no attempt is
+    counted, and the next worker delivers it (same Idempotency-Key)."""
+    from ingest.app import create_app
+
+    destination.hang = 30.0
+    config = write_config(tmp_path / "c.toml", redis_url, prefix, destination, grace=1)
+    client = await aiohttp_client(create_app(make_settings()))
+    event_id = (await (await client.post("/webhooks/exam-results-released", data=sample_body,
+                                         headers=AUTH)).json())["event_id"]
+    worker = spawn(config, "worker")
+    try:
+        await destination.wait_for_requests(1, timeout=20)
+        worker.send_signal(signal.SIGTERM)
+        assert await wait_exit(worker, 20) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    keys = Keys(prefix)
+    assert not await redis.exists(keys.delivered(event_id, "lms"))
+    assert await redis.hget(keys.pair(event_id, "lms"), "attempts") in (None, b"0")
+    assert await redis.zscore(keys.queue, keys.handle_job_id(event_id)) is not None  # back in the queue
+    destination.hang = 0
+    second = spawn(config, "worker")
+    try:
+        requests = await destination.wait_for_requests(2, timeout=20)
+        assert {r.headers["Idempotency-Key"] for r in requests} == {event_id}
+        await eventually(lambda: redis.exists(keys.delivered(event_id, "lms")))
+        assert await redis.hget(keys.pair(event_id, "lms"), "attempts") == b"1"
+    finally:
+        second.send_signal(signal.SIGTERM)
+        await wait_exit(second, 20)
