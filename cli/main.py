@@ -448,6 +448,37 @@ def rejected_purge(reject_ids: tuple[str, ...], all_: bool, as_json: bool, data_
         click.echo(f"purged {removed} rejected bodies")
 
 
+@cli.command()
+@click.option("--user-id", default=None, help="Synap user.id of the learner.")
+@click.option("--email", default=None, help="The learner's email address (case-insensitive).")
+@click.option("--dry-run", is_flag=True, help="Report what would be removed; remove nothing.")
+@json_option
+@data_dir_option
+@config_option
+def erase(user_id: str | None, email: str | None, dry_run: bool, as_json: bool, data_dir: str,
+          config_path: str | None) -> None:
+    """Remove every trace of one learner that examhook holds in Redis."""
+    if not user_id and not email:
+        raise click.UsageError("give --user-id or --email")
+    import msgspec
+
+    from shared.erasure import erase_learner
+
+    settings = inspection_settings(config_path, data_dir)
+    report = run_inspection(settings, lambda i: erase_learner(i.store, user_id=user_id, email=email,
+                                                              dry_run=dry_run))
+    if as_json:
+        print_json(msgspec.to_builtins(report))
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb}: {len(report.events)} event(s), {report.keys_deleted} key(s), "
+               f"{report.queued_jobs_removed} queued job(s), {report.failures_removed} failure record(s), "
+               f"{report.rejected_removed} rejected body(ies)")
+    for event_id in report.events:
+        click.echo(f"  {event_id}")
+    click.echo(f"note: {report.not_covered}")
+
+
 def main() -> None:
     cli(prog_name="examhook")
 

@@ -1,0 +1,126 @@
+"""``examhook erase``: remove every trace of one learner that examhook holds in Redis.
+
+A learner is found by ``user.id`` or ``user.email`` in stored bodies. For each of their
+events this removes the body, the dedup record, the newest-release marker, every delivery
+record and attempt log, failure entries, and queued or scheduled jobs; and any rejected
+body that mentions the id or address. What was already delivered to destinations (LMS,
+email, database, files) is outside Redis and is not touched: the report says so.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from shared.payload import decoder
+from shared.store import Rejected, Store
+
+
+class ErasureReport(msgspec.Struct):
+    events: list[str]
+    keys_deleted: int
+    queued_jobs_removed: int
+    failures_removed: int
+    rejected_removed: int
+    dry_run: bool = False
+    not_covered: str = (
+        "copies already delivered to destinations (http, email, postgres, file integrations) "
+        "are outside examhook's Redis and must be erased there"
+    )
+
+
+async def erase_learner(
+    store: Store, *, user_id: str | None = None, email: str | None = None, dry_run: bool = False
+) -> ErasureReport:
+    if not user_id and not email:
+        raise ValueError("give a user id or an email address")
+    redis, keys = store.redis, store.keys
+    wanted_email = email.casefold() if email else None
+
+    events: dict[str, str] = {}  # event id -> attempt id
+    async for key in redis.scan_iter(match=f"{keys.prefix}:event:*", count=1000):
+        body = await redis.get(key)
+        if body is None:
+            continue
+        try:
+            event = decoder.decode(body)
+        except msgspec.DecodeError:
+            continue
+        if (user_id and event.user.id == user_id) or (wanted_email and event.user.email.casefold() == wanted_email):
+            events[key.decode().rsplit(":", 1)[1]] = event.attempt.id
+
+    rejected_ids = await _matching_rejected(store, user_id, wanted_email)
+
+    to_delete: list[str] = []
+    queue_members: list[str] = []
+    failure_members: list[str] = []
+    for event_id, attempt_id in events.items():
+        to_delete += [keys.event(event_id), keys.seen(event_id), keys.latest(attempt_id)]
+        handle_job = keys.handle_job_id(event_id)
+        queue_members.append(handle_job)
+        to_delete += [f"arq:job:{handle_job}", f"arq:retry:{handle_job}"]
+        for pattern in (f"{keys.prefix}:pair:{event_id}:*", f"{keys.prefix}:attempts:{event_id}:*",
+                        f"{keys.prefix}:delivered:{event_id}:*", f"{keys.prefix}:lock:{event_id}:*"):
+            to_delete += [k.decode() async for k in redis.scan_iter(match=pattern, count=1000)]
+        async for job_key in redis.scan_iter(match=f"arq:job:{handle_job}:*", count=1000):
+            job_id = job_key.decode().removeprefix("arq:job:")
+            queue_members.append(job_id)
+            to_delete += [job_key.decode(), f"arq:retry:{job_id}"]
+        failure_members += [
+            m.decode() for m in await redis.zrange(keys.failures, 0, -1) if m.decode().startswith(f"{event_id}:")
+        ]
+        # retry jobs whose job key already expired still sit in the queue
+        queue_members += [
+            m.decode() for m in await redis.zrange(keys.queue, 0, -1) if m.decode().startswith(f"{handle_job}:")
+        ]
+    to_delete += [keys.rejected_item(r) for r in rejected_ids]
+
+    if dry_run:
+        existing = sum([await redis.exists(k) for k in to_delete]) if to_delete else 0
+        return ErasureReport(sorted(events), existing, len(set(queue_members)), len(failure_members),
+                             len(rejected_ids), dry_run=True)
+
+    deleted = queued = failures = rejected = 0
+    async with redis.pipeline(transaction=True) as pipe:
+        if to_delete:
+            pipe.delete(*to_delete)
+        if queue_members:
+            pipe.zrem(keys.queue, *set(queue_members))
+        if failure_members:
+            pipe.zrem(keys.failures, *failure_members)
+        if events:
+            pipe.zrem(keys.unmatched, *events)
+        if rejected_ids:
+            pipe.zrem(keys.rejected, *rejected_ids)
+        results = await pipe.execute() if (to_delete or rejected_ids) else []
+    index = 0
+    if to_delete:
+        deleted, index = int(results[0]), 1
+    if queue_members:
+        queued, index = int(results[index]), index + 1
+    if failure_members:
+        failures, index = int(results[index]), index + 1
+    if events:
+        index += 1
+    if rejected_ids:
+        rejected = int(results[index])
+    return ErasureReport(sorted(events), deleted, queued, failures, rejected)
+
+
+async def _matching_rejected(store: Store, user_id: str | None, email: str | None) -> list[str]:
+    """Rejected bodies are not guaranteed to decode: match the id or address as text."""
+    redis, keys = store.redis, store.keys
+    found = []
+    for raw_id in await redis.zrange(keys.rejected, 0, -1):
+        reject_id = raw_id.decode()
+        raw = await redis.get(keys.rejected_item(reject_id))
+        if raw is None:
+            continue
+        try:
+            text = msgspec.json.decode(raw, type=Rejected).body
+        except msgspec.DecodeError:
+            continue
+        if (user_id and user_id in text) or (email and email in text.casefold()):
+            found.append(reject_id)
+    return found
+
+

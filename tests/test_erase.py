@@ -1,0 +1,109 @@
+"""``examhook erase``: every trace of one learner in Redis is removed, others are untouched."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from click.testing import CliRunner
+from redis.asyncio import Redis
+
+from cli.main import cli
+from ingest.app import WEBHOOK_PATH, create_app
+from shared.contract import Keys
+from shared.erasure import erase_learner
+from shared.store import Store
+from tests.conftest import Destination, eventually
+
+AUTH = {"Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(), "Content-Type": "application/json"}
+
+
+def learner_event(body: bytes, user_id: str, email: str, attempt: str) -> bytes:
+    data = json.loads(body)
+    data["user"]["id"], data["user"]["email"], data["attempt"]["id"] = user_id, email, attempt
+    return json.dumps(data).encode()
+
+
+async def all_keys(redis: Redis, prefix: str) -> list[str]:
+    found = [k.decode() async for k in redis.scan_iter(match=f"{prefix}:*")]
+    found += [k.decode() async for k in redis.scan_iter(match=f"arq:*:{prefix}:*")]
+    return found
+
+
+async def test_erase_removes_every_trace_of_one_learner(aiohttp_client: Any, make_settings: Any, start_worker: Any,
+                                                        destination: Destination, sample_body: bytes,
+                                                        redis: Redis, prefix: str) -> None:
+    """Erasing a learner removes their bodies, dedup and delivery records, failures, queued jobs and rejected
+    bodies — found by user id or by email — and leaves another learner's data alone."""
+    destination.responses = [(400, {})]  # the first delivery fails for good: a failure record
+    settings = make_settings([{"name": "lms", "type": "http", "url": destination.url, "max_attempts": 1}])
+    client = await aiohttp_client(create_app(settings))
+    ada = learner_event(sample_body, "usr_ada", "Ada@Example.org", "att_1")
+    assert (await client.post(WEBHOOK_PATH, data=ada, headers=AUTH)).status == 202
+    await start_worker(settings)
+    keys = Keys(prefix)
+    await eventually(lambda: redis.zcard(keys.failures))
+    # a second event for Ada (delivered), another learner's event, and a rejected body quoting Ada's address
+    ada_again = learner_event(sample_body, "usr_ada", "ada@example.org", "att_2")
+    bob = learner_event(sample_body, "usr_bob", "bob@example.org", "att_3")
+    for body in (ada_again, bob):
+        assert (await client.post(WEBHOOK_PATH, data=body, headers=AUTH)).status == 202
+    bad = b'{"user": {"email": "ada@example.org"}'
+    assert (await client.post(WEBHOOK_PATH, data=bad, headers=AUTH)).status in (400, 422)
+    await destination.wait_for_requests(3)
+    await eventually(lambda: _delivered_count(redis, prefix, 2))  # the worker has recorded everything
+
+    store = Store(redis, keys, settings.retention)
+    before = await all_keys(redis, prefix)
+    dry = await erase_learner(store, email="ada@EXAMPLE.org", dry_run=True)
+    assert dry.dry_run and len(dry.events) == 2
+    assert sorted(await all_keys(redis, prefix)) == sorted(before)  # a dry run removes nothing
+
+    report = await erase_learner(store, email="ada@EXAMPLE.org")
+    assert len(report.events) == 2
+    assert report.failures_removed == 1
+    assert report.rejected_removed == 1
+    remaining = await all_keys(redis, prefix)
+    for event_id in report.events:
+        assert not [k for k in remaining if event_id in k], f"traces of {event_id} left"
+    for key in remaining:
+        value = await redis.type(key)
+        if value == b"string":
+            text = (await redis.get(key) or b"").decode("utf-8", "replace").casefold()
+            assert "ada@example.org" not in text and "usr_ada" not in text
+    assert await redis.zcard(keys.failures) == 0
+    assert await redis.zcard(keys.rejected) == 0
+    bob_left = [k for k in remaining if k.startswith(f"{prefix}:event:")]
+    assert len(bob_left) == 1  # Bob's event is untouched
+
+
+async def test_erase_cli_by_user_id(make_settings: Any, aiohttp_client: Any, sample_body: bytes,
+                                    redis_url: str, prefix: str, redis: Redis, monkeypatch: Any) -> None:
+    """`examhook erase --user-id` reports what it removed (JSON) and requires an id or an address."""
+    client = await aiohttp_client(create_app(make_settings()))
+    body = learner_event(sample_body, "usr_zed", "zed@example.org", "att_9")
+    assert (await client.post(WEBHOOK_PATH, data=body, headers=AUTH)).status == 202
+    monkeypatch.setenv("EXAMHOOK_REDIS_URL", redis_url)
+    monkeypatch.setenv("EXAMHOOK_REDIS_PREFIX", prefix)
+    runner = CliRunner()
+    usage = runner.invoke(cli, ["erase"])
+    assert usage.exit_code == 2
+    result = await _invoke(runner, ["erase", "--user-id", "usr_zed", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert len(report["events"]) == 1
+    assert report["keys_deleted"] >= 3
+    assert not [k async for k in redis.scan_iter(match=f"{prefix}:event:*")]
+
+
+async def _invoke(runner: CliRunner, args: list[str]) -> Any:
+    import asyncio
+
+    # the command runs its own event loop: keep it off this test's loop
+    return await asyncio.to_thread(runner.invoke, cli, args)
+
+
+async def _delivered_count(redis: Redis, prefix: str, count: int) -> bool:
+    found = [k async for k in redis.scan_iter(match=f"{prefix}:delivered:*")]
+    return len(found) >= count and await redis.zcard(Keys(prefix).queue) == 0
