@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from arq.connections import RedisSettings
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.settings import Settings
 
@@ -28,4 +32,10 @@ def arq_redis_settings(settings: Settings) -> RedisSettings:
     # keep retrying while Redis is away, so a worker survives a restart by itself
     redis_settings.conn_retries = 1_000_000
     redis_settings.conn_retry_delay = 1
+    # arq's poll loop has no error handling of its own: a command that fails because Redis
+    # restarted would end the worker. Retry connection errors forever instead (with backoff
+    # up to 2 s), so a worker rides out a Redis restart; a job stuck meanwhile is bounded
+    # by its job timeout.
+    redis_settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=-1)
+    redis_settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
     return redis_settings
