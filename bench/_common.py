@@ -330,3 +330,30 @@ def profile_summary(raw_path: Path, top: int = 25, focus: tuple[str, ...] = ()) 
 def py_spy() -> str | None:
     exe = Path(PY).parent / "py-spy"
     return str(exe) if exe.exists() else shutil.which("py-spy")
+
+
+def buffer_log_output(interval: float = 0.2) -> Any:
+    """PROTOTYPE (not product code): make the root log handler write through a 64 KiB buffer
+    flushed every ``interval`` seconds instead of one write(2) per record. Returns an async
+    context function to register (aiohttp cleanup_ctx style) that runs the flusher."""
+    import asyncio
+    import io
+    import logging
+
+    handler = logging.getLogger().handlers[0]
+    stream = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False), 1 << 16), encoding="utf-8")
+    handler.setStream(stream)  # type: ignore[attr-defined]
+    handler.flush = lambda: None  # type: ignore[method-assign]
+
+    async def flusher(_: Any = None) -> Any:
+        async def run() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                stream.flush()
+
+        task = asyncio.create_task(run())
+        yield
+        task.cancel()
+        stream.flush()
+
+    return flusher

@@ -57,6 +57,8 @@ def run_case(kind: str, procs: int, args: argparse.Namespace, profile_to: Path |
             settings = write_settings(stack, raw)
             loaded = asyncio.run(preload_examhook(raw, n))
             worker_args = ["--kind", "examhook", "--settings", str(settings)]
+            if args.buffered_logs:
+                worker_args.append("--buffered-logs")
         else:
             loaded = asyncio.run(preload_arq_noop(redis.url, n, ARQ_QUEUE))
             worker_args = ["--kind", "arq-noop", "--redis-url", redis.url, "--queue", ARQ_QUEUE]
@@ -64,6 +66,7 @@ def run_case(kind: str, procs: int, args: argparse.Namespace, profile_to: Path |
             raise RuntimeError(f"preloaded {loaded} of {n}")
         mem_loaded = int(redis.info()["used_memory"])
         redis_cpu0 = _cpu(redis.proc.pid)
+        cmds0 = int(redis.info("stats")["total_commands_processed"])
         workers = []
         for i in range(procs):
             status = stack.dir / f"worker{i}.json"
@@ -102,6 +105,7 @@ def run_case(kind: str, procs: int, args: argparse.Namespace, profile_to: Path |
             "mem_loaded_mb": mem_loaded / 2**20,
             "cpu_us": sum(s["cpu_end"] - s["cpu_ready"] for s in stats) / n * 1e6,
             "redis_cpu_us": (_cpu(redis.proc.pid) - redis_cpu0) / n * 1e6,
+            "cmds_per_job": (int(redis.info("stats")["total_commands_processed"]) - cmds0) / n,
         }
         if kind == "examhook":
             d = get_json(f"http://127.0.0.1:{dport}/stats")
@@ -124,6 +128,8 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="also profile one examhook worker with py-spy")
     parser.add_argument("--profile-out", default=None)
     parser.add_argument("--redis-server", default=None)
+    parser.add_argument("--buffered-logs", action="store_true",
+                        help="PROTOTYPE: examhook workers buffer their log output (not product behaviour)")
     args = parser.parse_args()
     if args.quick:
         args.events = 4_000
@@ -142,11 +148,13 @@ def main() -> int:
         checks.append(ok)
         rows.append([str(procs), f"{base['jobs_per_s']:.0f}", f"{ex['jobs_per_s']:.0f}", f"{ratio:.2f}",
                      f">={TARGET:.0%}", f"{base['cpu_us']:.0f} / {ex['cpu_us']:.0f}",
-                     f"{base['redis_cpu_us']:.0f} / {ex['redis_cpu_us']:.0f}", f"{ex['delivered']}/{ex['distinct']}", f"{ex['rss_start_mb']:.0f}->"
+                     f"{base['redis_cpu_us']:.0f} / {ex['redis_cpu_us']:.0f}",
+                     f"{base['cmds_per_job']:.1f} / {ex['cmds_per_job']:.1f}", f"{ex['delivered']}/{ex['distinct']}", f"{ex['rss_start_mb']:.0f}->"
                      f"{ex['rss_end_mb']:.0f}", verdict(ok)])
     print()
     print(table(rows, ["procs", "arq no-op jobs/s", "examhook jobs/s", "ratio", "target",
-                       "worker CPU us/job (arq/examhook)", "redis CPU us/job (arq/examhook)", "delivered/distinct", "worker RSS MB", "result"]))
+                       "worker CPU us/job (arq/examhook)", "redis CPU us/job (arq/examhook)",
+                       "redis cmds/job", "delivered/distinct", "worker RSS MB", "result"]))
     if args.profile:
         with Stack("drain-profile") as holder:
             raw = Path(args.profile_out) if args.profile_out else holder.dir / "worker.raw"

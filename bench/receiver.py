@@ -98,14 +98,18 @@ def start_variant(stack: Stack, variant: str, port: int, args: argparse.Namespac
     if variant == "bare":
         proc = stack.python("receiver", "run_receiver.py", "--kind", "bare", "--port", str(port))
         return proc, None
-    fsync = "always" if variant == "always" else "everysec"
+    fsync = "always" if variant.startswith("always") else "everysec"
     redis = stack.redis(appendfsync=fsync, server=args.redis_server)
     if variant == "fastapi":
         proc = stack.python("receiver", "fastapi_app.py", "--port", str(port), env={"BENCH_REDIS_URL": redis.url})
     else:
-        settings = write_settings(stack, settings_dict(redis.url, log_level=args.log_level))
+        # extra diagnostic variants: "-warn" = log_level warning (no per-request log line),
+        # "-buflog" = PROTOTYPE buffered log output (bench/_common.py:buffer_log_output)
+        level = "warning" if variant.endswith("-warn") else args.log_level
+        settings = write_settings(stack, settings_dict(redis.url, log_level=level))
+        extra = ["--buffered-logs"] if variant.endswith("-buflog") else []
         proc = stack.python("receiver", "run_receiver.py", "--kind", "examhook", "--settings", str(settings),
-                            "--port", str(port))
+                            "--port", str(port), *extra)
     return proc, redis
 
 
@@ -133,7 +137,7 @@ def measure(variant: str, args: argparse.Namespace, profile_to: Path | None = No
         n = max(1, result["requests"])
         result["cpu_us"] = (_cpu(proc.pid) - cpu0[0]) / n * 1e6
         result["redis_cpu_us"] = (_cpu(redis.proc.pid) - cpu0[1]) / n * 1e6 if redis else 0.0
-        if variant in ("everysec", "always"):
+        if variant.startswith(("everysec", "always")):
             result["batch_mean"] = _batch_mean(port)
         if spy is not None:
             spy.popen.wait(args.duration + 30)
@@ -156,7 +160,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (the machine has few cores)")
-    parser.add_argument("--variants", default="fastapi,everysec,always")
+    parser.add_argument("--variants", default="fastapi,everysec,always",
+                        help="comma list of: fastapi, everysec, always; diagnostics: everysec-warn, everysec-buflog")
     parser.add_argument("--log-level", default="info", help="examhook log_level (product default: info)")
     parser.add_argument("--profile", action="store_true", help="also profile the everysec receiver with py-spy")
     parser.add_argument("--profile-out", default=None, help="keep the raw py-spy profile at this path")
@@ -204,7 +209,8 @@ def main() -> int:
              f"{max(r['rss_max_mb'] for r in runs['bare']):.1f}", "-", "-"]]
     checks: list[tuple[str, bool]] = []
     names = {"fastapi": "fastapi+pydantic+arq (everysec)", "everysec": "examhook (everysec)",
-             "always": "examhook (always)"}
+             "always": "examhook (always)", "everysec-warn": "examhook (everysec, log_level=warning)",
+             "everysec-buflog": "examhook (everysec, PROTOTYPE buffered logs)"}
     for variant in variants:
         ratio = statistics.median(x[0] for x in ratios[variant])
         p99r = statistics.median(x[1] for x in ratios[variant])

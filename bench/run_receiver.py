@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--kind", choices=["examhook", "bare"], required=True)
     parser.add_argument("--settings")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--buffered-logs", action="store_true", help="PROTOTYPE: buffer log output (see README)")
     args = parser.parse_args()
     if args.kind == "bare":
         app = bare_app()
@@ -49,6 +50,11 @@ def main() -> None:
         settings = settings_from_dict(json.loads(Path(args.settings).read_text()))
         configure_logging(settings.log_level)
         app = create_app(settings)
+        if args.buffered_logs:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from _common import buffer_log_output
+
+            app.cleanup_ctx.append(buffer_log_output())
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
 
 

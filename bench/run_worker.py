@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--max-jobs", type=int, default=50)
     parser.add_argument("--poll-delay", type=float, default=0.05)
     parser.add_argument("--status-file", required=True)
+    parser.add_argument("--buffered-logs", action="store_true", help="PROTOTYPE: buffer log output (see README)")
     args = parser.parse_args()
     status = Path(args.status_file)
     marks: dict[str, Any] = {}
@@ -63,7 +64,17 @@ def main() -> None:
         kwargs = worker_settings(settings, burst=args.burst, concurrency=args.max_jobs, poll_delay=args.poll_delay)
         product_startup = kwargs["on_startup"]
 
+        flusher = None
+        if args.buffered_logs:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from _common import buffer_log_output
+
+            flusher = buffer_log_output()
+
         async def on_startup(ctx: dict[str, Any]) -> None:
+            if flusher is not None:
+                ctx["_flusher"] = flusher()
+                await ctx["_flusher"].__anext__()
             await product_startup(ctx)
             await mark_ready(ctx)
 
