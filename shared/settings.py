@@ -265,9 +265,18 @@ def _check(settings: Settings, where: str) -> None:
             ("postgres://", "postgresql://")
         ):
             raise ConfigError(f"{where}{key}.dsn: must be a postgresql:// URL")
-    scheme = urlsplit(settings.redis.url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"{where}redis.url: must start with redis://, rediss:// or unix://")
+    scheme = settings.redis.url.partition("://")[0]
+    if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
+        raise ConfigError(
+            f"{where}redis.url: must start with redis://, rediss://, unix:// or redis+sentinel://"
+        )
+    if scheme.endswith("+sentinel"):
+        from shared.redis_conn import parse_sentinel_url
+
+        try:
+            parse_sentinel_url(settings.redis.url)
+        except ValueError as exc:
+            raise ConfigError(f"{where}redis.url: {exc}") from None
     if settings.auth_configured is False and (
         settings.receiver.basic_auth_user or settings.receiver.basic_auth_password
     ):

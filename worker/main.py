@@ -10,7 +10,7 @@ from arq import func
 from arq.worker import Worker
 
 from shared.contract import DELIVER, HANDLE_EVENT, Keys, job_deserializer, job_serializer
-from shared.redis_conn import arq_redis_settings
+from shared.redis_conn import arq_redis_settings, close_sentinels
 from shared.settings import Settings
 from shared.store import Store
 from worker import integrations, jobs
@@ -52,6 +52,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     session = ctx.get("session")
     if session is not None:
         await session.close()
+    # arq closes its own pool after this, but not a sentinel-managed pool's sentinel connections
+    await close_sentinels(ctx["redis"])
 
 
 def worker_settings(
