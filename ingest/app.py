@@ -25,9 +25,9 @@ def create_app(settings: Settings, *, require_auth: bool = True) -> web.Applicat
     without credentials; with credentials configured they are always enforced."""
     if require_auth and not settings.auth_configured:
         raise ValueError("Basic auth credentials are required (or pass --no-auth)")
-    # client_max_size makes read() answer 413 for bodies over the limit; +1 so the
-    # limit itself is accepted.
-    app = web.Application(client_max_size=settings.receiver.max_body_bytes + 1)
+    # client_max_size makes read() stop reading a body over the limit (the handler checks
+    # the exact size too).
+    app = web.Application(client_max_size=settings.receiver.max_body_bytes)
     app[SETTINGS] = settings
     app[AUTH] = BasicAuth(settings.receiver.basic_auth_user, settings.receiver.basic_auth_password)
     app[METRICS] = ReceiverMetrics()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -20,6 +22,11 @@ class ReceiverMetrics:
             ["result"],
             registry=self.registry,
         )
+        # label children looked up once, not per request
+        self.accepted = self.events.labels("accepted")
+        self.duplicate = self.events.labels("duplicate")
+        self.rejected_events = self.events.labels("rejected")
+        self._by_status: dict[int, Any] = {}
         self.enqueue_seconds = Histogram(
             "examhook_receiver_enqueue_seconds",
             "Time from request start to Redis confirming the write.",
@@ -48,3 +55,9 @@ class ReceiverMetrics:
             "examhook_failures", "Failed deliveries kept for inspection.", registry=self.registry
         )
         self.rejected = Gauge("examhook_rejected", "Bodies in the quarantine.", registry=self.registry)
+
+    def answered(self, status: int) -> None:
+        child = self._by_status.get(status)
+        if child is None:
+            child = self._by_status[status] = self.requests.labels(str(status))
+        child.inc()

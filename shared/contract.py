@@ -44,6 +44,7 @@ DELIVER = "deliver"
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _msgpack_decoder = msgspec.msgpack.Decoder()
+_json_encoder = msgspec.json.Encoder()
 
 
 def event_id(event: ExamResultsReleased) -> str:
@@ -52,8 +53,9 @@ def event_id(event: ExamResultsReleased) -> str:
     A resend with another ``meta.timestamp`` gets the same id (a duplicate); a re-release
     of the same attempt (later ``releasedAt``) gets a new one.
     """
-    material = "\x1f".join((event.meta.event_name, event.attempt.id, event.attempt.audit.released_at))
-    return "evt_" + hashlib.sha256(material.encode()).hexdigest()[:32]
+    # a JSON array: unambiguous whatever characters the three values contain
+    material = _json_encoder.encode([event.meta.event_name, event.attempt.id, event.attempt.audit.released_at])
+    return "evt_" + hashlib.sha256(material).hexdigest()[:32]
 
 
 def released_ms(event: ExamResultsReleased) -> int:

@@ -54,6 +54,12 @@ def configure_logging(level: str, *, json: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # No caller/thread/process lookups for every record: they cost ~40% of a log call
+    # and these lines never show them.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # arq logs every job at info; ours say more, without payload arguments.
     logging.getLogger("arq").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

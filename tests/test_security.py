@@ -452,13 +452,6 @@ def test_redis_urls_configure_tls_and_credentials(
     assert arq.database == db
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="shared/redis_conn.py::arq_redis_settings uses arq's RedisSettings.from_dsn, which does not "
-    "percent-decode the URL's user and password: for redis://alice:p%40ss@host the receiver's client "
-    "authenticates with 'p@ss' but every worker with 'p%40ss' (and keeps retrying to connect). Fix: set "
-    "redis_settings.username/password from urllib.parse.unquote(urlsplit(url).username/password)",
-)
 def test_percent_encoded_redis_credentials_are_decoded_for_the_worker_too() -> None:
     """A password with reserved characters must be percent-encoded in the URL; the receiver
     and the workers then both authenticate with the decoded password."""
@@ -508,14 +501,6 @@ async def test_one_byte_over_the_limit_is_413_with_content_length(small_client: 
     assert response.status == 413
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ingest/app.py::create_app sets client_max_size=max_body_bytes + 1 assuming aiohttp refuses "
-    "len(body) >= client_max_size, but aiohttp 3.14's BaseRequest.read() refuses only len(body) > "
-    "client_max_size: a chunked (no Content-Length) body of max_body_bytes + 1 bytes is read and "
-    "processed (here 422) instead of 413. Fix: check len(body) > max_body_bytes in "
-    "ingest/handlers.py::_receive after read() (version-independent), or pass client_max_size=max_body_bytes",
-)
 async def test_one_byte_over_the_limit_is_413_when_streamed(small_client: Any) -> None:
     """A chunked body of max_body_bytes + 1 bytes is 413, as with Content-Length."""
     response = await small_client.post(WEBHOOK_PATH, data=_stream(_json_of_size(1001)),
