@@ -30,7 +30,7 @@ async def preload_examhook(settings_raw: dict[str, Any], n: int, tag: str = "pl"
                 body = body_with_attempt(template, tag, i)
                 ev = decoder.decode(body)
                 events.append(Incoming(event_id(ev), ev.attempt.id, released_ms(ev), body))
-            jobs = [encode_job(HANDLE_EVENT, (e.event_id,), now_ms()) for e in events]
+            jobs = [encode_job(HANDLE_EVENT, (e.event_id, e.attempt_id, e.released_ms), now_ms()) for e in events]
             accepted += sum(await store.accept_batch(events, jobs))
     finally:
         await redis.aclose()

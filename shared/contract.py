@@ -25,7 +25,8 @@ P:stats                 hash       counters (accepted, duplicate, rejected, ...)
 ======================  =========  =====================================================
 
 Jobs are arq jobs serialised with msgpack (see :func:`encode_job`):
-``handle_event(E)`` fans an event out to its integrations (job id ``P:E``) and
+``handle_event(E, attempt_id, released_ms)`` fans an event out to its integrations
+(job id ``P:E``; the last two arguments are optional and spare a round trip) and
 ``deliver(E, I)`` retries one pair (job id ``P:E:I``).
 """
 

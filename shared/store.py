@@ -43,7 +43,6 @@ class Claim:
     state: str
     attempts_so_far: int = 0
     interrupted: bool = False
-    body: bytes | None = None
 
 
 class AttemptRecord(msgspec.Struct, omit_defaults=True):
@@ -142,19 +141,20 @@ class Store:
     async def claim(
         self,
         event_id: str,
-        integration: str,
+        integrations: list[str],
         *,
         token: str,
         lock_ttl_ms: int,
         mode: str,
+        with_body: bool,
         attempt_id: str = "",
         released_ms: int | str = "",
-    ) -> Claim:
+    ) -> tuple[bytes | None, list[Claim]]:
+        """Claim pairs of one event in one round trip: (body if asked for, one Claim per name)."""
         result = await self._claim(
             args=[
                 self.keys.prefix,
                 event_id,
-                integration,
                 attempt_id,
                 released_ms,
                 token,
@@ -162,12 +162,13 @@ class Store:
                 now_ms(),
                 self.payload_ttl_ms,
                 mode,
+                "1" if with_body else "0",
+                *integrations,
             ]
         )
-        state = result[0].decode()
-        if state != "ok":
-            return Claim(state)
-        return Claim(state, int(result[1]), result[2] == b"1", result[3] or None)
+        body = result[0] or None
+        claims = [Claim(state.decode(), int(attempts), interrupted == b"1") for state, attempts, interrupted in result[1:]]
+        return body, claims
 
     async def record(
         self,

@@ -20,8 +20,8 @@ import msgspec
 
 from shared.contract import DELIVER, Keys, encode_job, pair_member, released_ms
 from shared.payload import ExamResultsReleased, decoder
-from shared.settings import Settings
-from shared.store import AttemptRecord, Store, new_token, now_ms
+from shared.settings import Settings, When
+from shared.store import AttemptRecord, Claim, Store, new_token, now_ms
 from worker.backoff import backoff_seconds
 from worker.filters import matches
 from worker.integrations.base import Delivery, Integration, PermanentError, TransientError
@@ -53,28 +53,51 @@ class Deliverer:
         self.integrations = integrations
         self.metrics = metrics
         self.lock_ttl_ms = int(settings.job_timeout_seconds * 1000)
+        self._filters = [i.config.when != When() for i in integrations.values()]
 
-    async def handle_event(self, event_id: str) -> str:
-        """The ``handle_event`` job: first attempt for every integration whose filter matches."""
-        body = await self.store.redis.get(self.keys.event(event_id))
-        if body is None:
-            log.warning("event expired before delivery", extra={"event_id": event_id})
-            return "expired"
-        try:
+    async def handle_event(self, event_id: str, attempt_id: str | None = None, released: int | None = None) -> str:
+        """The ``handle_event`` job: first attempt for every integration whose filter matches.
+
+        When no integration filters and the job carries the attempt id and release time,
+        the body comes back with the claims: one round trip before sending.
+        """
+        everyone = list(self.integrations.values())
+        token = new_token()
+        if attempt_id is not None and released is not None and not any(self._filters):
+            targets = everyone
+            body, claims = await self.store.claim(
+                event_id, [i.name for i in targets], token=token, lock_ttl_ms=self.lock_ttl_ms,
+                mode="first", with_body=True, attempt_id=attempt_id, released_ms=released,
+            )
+            if body is None:
+                return self._expired(event_id)
             event = decoder.decode(body)
-        except msgspec.DecodeError:  # cannot happen for what the receiver accepted
-            log.error("stored event does not decode", extra={"event_id": event_id})
-            return "undecodable"
-        targets = [i for i in self.integrations.values() if matches(i.config.when, event)]
+        else:
+            body = await self.store.redis.get(self.keys.event(event_id))
+            if body is None:
+                return self._expired(event_id)
+            event = decoder.decode(body)
+            targets = [i for i in everyone if matches(i.config.when, event)]
+            claims = []
+            if targets:
+                _, claims = await self.store.claim(
+                    event_id, [i.name for i in targets], token=token, lock_ttl_ms=self.lock_ttl_ms,
+                    mode="first", with_body=False, attempt_id=event.attempt.id, released_ms=released_ms(event),
+                )
         if not targets:
             await self.store.record_unmatched(event_id)
             self.metrics.unmatched.inc()
             log.info("matched no integration", extra={"event_id": event_id})
             return "unmatched"
         outcomes = await asyncio.gather(
-            *(self.attempt(event_id, i, mode="first", body=body, event=event) for i in targets)
+            *(self.attempt(event_id, i, c, token=token, mode="first", body=body, event=event)
+              for i, c in zip(targets, claims, strict=True))
         )
         return ",".join(f"{i.name}={o.state}" for i, o in zip(targets, outcomes, strict=True))
+
+    def _expired(self, event_id: str) -> str:
+        log.warning("event expired before delivery", extra={"event_id": event_id})
+        return "expired"
 
     async def deliver(self, event_id: str, name: str) -> Outcome:
         """The ``deliver`` job: one more attempt of a pair (retries, ``failures retry``)."""
@@ -94,29 +117,27 @@ class Deliverer:
                 ),
             )
             return Outcome("failed")
-        return await self.attempt(event_id, integration, mode="retry")
+        token = new_token()
+        body, [claim] = await self.store.claim(
+            event_id, [name], token=token, lock_ttl_ms=self.lock_ttl_ms, mode="retry", with_body=True
+        )
+        event = decoder.decode(body) if body is not None else None
+        return await self.attempt(event_id, integration, claim, token=token, mode="retry", body=body, event=event)
 
     async def attempt(
         self,
         event_id: str,
         integration: Integration,  # type: ignore[type-arg]
+        claim: Claim,
         *,
+        token: str,
         mode: str,
-        body: bytes | None = None,
-        event: ExamResultsReleased | None = None,
+        body: bytes | None,
+        event: ExamResultsReleased | None,
     ) -> Outcome:
+        """Send one claimed pair and record the outcome."""
         name = integration.name
         config = integration.config
-        token = new_token()
-        claim = await self.store.claim(
-            event_id,
-            name,
-            token=token,
-            lock_ttl_ms=self.lock_ttl_ms,
-            mode=mode,
-            attempt_id=event.attempt.id if event else "",
-            released_ms=released_ms(event) if event else "",
-        )
         if claim.state == "locked":
             if mode == "retry":
                 return Outcome("retry", LOCKED_RETRY_SECONDS)
@@ -126,10 +147,7 @@ class Deliverer:
             self.metrics.skipped.labels(name, claim.state).inc()
             log.info("not sent: %s", claim.state, extra={"event_id": event_id, "integration": name})
             return Outcome("skipped")
-        if body is None:
-            body = claim.body
-            assert body is not None
-            event = decoder.decode(body)
+        assert body is not None
         assert event is not None
         number = claim.attempts_so_far + 1
         delivery = Delivery(event_id, body, event, number, claim.interrupted)

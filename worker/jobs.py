@@ -9,9 +9,11 @@ from arq import Retry
 from worker.delivery import Deliverer
 
 
-async def handle_event(ctx: dict[str, Any], event_id: str) -> str:
+async def handle_event(
+    ctx: dict[str, Any], event_id: str, attempt_id: str | None = None, released_ms: int | None = None
+) -> str:
     deliverer: Deliverer = ctx["deliverer"]
-    return await deliverer.handle_event(event_id)
+    return await deliverer.handle_event(event_id, attempt_id, released_ms)
 
 
 async def deliver(ctx: dict[str, Any], event_id: str, integration: str) -> str:
