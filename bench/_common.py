@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import json
 import os
 import platform
@@ -142,17 +143,13 @@ class Stack:
 
     def stop(self, proc: Proc, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
         if proc.popen.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
             try:
                 proc.popen.wait(timeout)
             except subprocess.TimeoutExpired:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 proc.popen.wait(5)
         if proc in self.procs:
             self.procs.remove(proc)
@@ -179,9 +176,25 @@ class Stack:
         proc = self.spawn(
             name,
             [
-                binary, "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "no",
-                "--save", "", "--appendonly", "yes", "--appendfsync", appendfsync,
-                "--dir", str(data), "--daemonize", "no", "--logfile", "",
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                appendfsync,
+                "--dir",
+                str(data),
+                "--daemonize",
+                "no",
+                "--logfile",
+                "",
             ],
         )
         wait_for(lambda: _redis_ping(port), 10, f"{name} did not start:\n{proc.tail()}")
@@ -200,7 +213,9 @@ class Redis:
 
     def info(self, section: str = "memory") -> dict[str, str]:
         raw = _redis_cmd(self.port, "INFO", section).decode()
-        return dict(line.split(":", 1) for line in raw.splitlines() if ":" in line and not line.startswith("#"))
+        return dict(
+            line.split(":", 1) for line in raw.splitlines() if ":" in line and not line.startswith("#")
+        )
 
     def cmd(self, *args: str) -> bytes:
         return _redis_cmd(self.port, *args)
@@ -250,7 +265,9 @@ def wait_for(check: Any, timeout: float, message: str, interval: float = 0.05) -
         time.sleep(interval)
 
 
-def settings_dict(redis_url: str, *, destination: str | None = None, log_level: str = "info") -> dict[str, Any]:
+def settings_dict(
+    redis_url: str, *, destination: str | None = None, log_level: str = "info"
+) -> dict[str, Any]:
     """What a deployment's examhook.toml would say, as a dict (see tests/conftest.py)."""
     raw: dict[str, Any] = {
         "redis": {"url": redis_url, "prefix": "examhook"},
@@ -295,7 +312,9 @@ def profile_summary(raw_path: Path, top: int = 25, focus: tuple[str, ...] = ()) 
         if not stack or not count_s.isdigit():
             continue
         count = int(count_s)
-        frames = [f for f in stack.split(";") if f and not f.startswith("process ") and not f.startswith("thread ")]
+        frames = [
+            f for f in stack.split(";") if f and not f.startswith("process ") and not f.startswith("thread ")
+        ]
         if not frames:
             continue
         total += count

@@ -30,7 +30,9 @@ async def preload_examhook(settings_raw: dict[str, Any], n: int, tag: str = "pl"
                 body = body_with_attempt(template, tag, i)
                 ev = decoder.decode(body)
                 events.append(Incoming(event_id(ev), ev.attempt.id, released_ms(ev), body))
-            jobs = [encode_job(HANDLE_EVENT, (e.event_id, e.attempt_id, e.released_ms), now_ms()) for e in events]
+            jobs = [
+                encode_job(HANDLE_EVENT, (e.event_id, e.attempt_id, e.released_ms), now_ms()) for e in events
+            ]
             accepted += sum(await store.accept_batch(events, jobs))
     finally:
         await redis.aclose()
@@ -45,7 +47,9 @@ async def preload_arq_noop(redis_url: str, n: int, queue: str) -> int:
     done = 0
     try:
         for start in range(0, n, 500):
-            jobs = await asyncio.gather(*(pool.enqueue_job("noop") for _ in range(start, min(n, start + 500))))
+            jobs = await asyncio.gather(
+                *(pool.enqueue_job("noop") for _ in range(start, min(n, start + 500)))
+            )
             done += sum(1 for j in jobs if j is not None)
     finally:
         await pool.aclose()

@@ -25,11 +25,24 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import aiohttp  # noqa: E402
-import psutil  # noqa: E402
-from _common import (  # noqa: E402
-    AUTH_B64, WEBHOOK_PATH, Stack, body_with_attempt, free_port, get_json, http_ok, install_signal_handlers,
-    machine, sample_body, settings_dict, table, verdict, wait_for, write_settings,
+import aiohttp
+import psutil
+from _common import (
+    AUTH_B64,
+    WEBHOOK_PATH,
+    Stack,
+    body_with_attempt,
+    free_port,
+    get_json,
+    http_ok,
+    install_signal_handlers,
+    machine,
+    sample_body,
+    settings_dict,
+    table,
+    verdict,
+    wait_for,
+    write_settings,
 )
 
 
@@ -82,13 +95,29 @@ def run_case(workers: int, args: argparse.Namespace) -> dict[str, Any]:
         dest = stack.python("destination", "destination.py", "--port", str(dport))
         raw = settings_dict(redis.url, destination=f"http://127.0.0.1:{dport}/hook", log_level=args.log_level)
         settings = write_settings(stack, raw)
-        receiver = stack.python("receiver", "run_receiver.py", "--kind", "examhook", "--settings", str(settings),
-                                "--port", str(rport))
+        receiver = stack.python(
+            "receiver",
+            "run_receiver.py",
+            "--kind",
+            "examhook",
+            "--settings",
+            str(settings),
+            "--port",
+            str(rport),
+        )
         procs = []
         for i in range(workers):
             status = stack.dir / f"worker{i}.json"
-            proc = stack.python(f"worker{i}", "run_worker.py", "--kind", "examhook", "--settings", str(settings),
-                                "--status-file", str(status))
+            proc = stack.python(
+                f"worker{i}",
+                "run_worker.py",
+                "--kind",
+                "examhook",
+                "--settings",
+                str(settings),
+                "--status-file",
+                str(status),
+            )
             procs.append((proc, status))
         wait_for(lambda: http_ok(f"http://127.0.0.1:{dport}/stats"), 20, f"destination:\n{dest.tail()}")
         wait_for(lambda: http_ok(f"http://127.0.0.1:{rport}/healthz"), 20, f"receiver:\n{receiver.tail()}")
@@ -123,13 +152,17 @@ def run_case(workers: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true", help="2,000 events")
     parser.add_argument("--workers", default="1,2", help="worker process counts, one case each")
     parser.add_argument("--connections", type=int, default=200)
     parser.add_argument("--log-level", default="info")
-    parser.add_argument("--timeout", type=float, default=600.0, help="max wait for deliveries after the POSTs")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="max wait for deliveries after the POSTs"
+    )
     parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait for stray duplicates")
     parser.add_argument("--redis-server", default=None)
     args = parser.parse_args()
@@ -144,17 +177,40 @@ def main() -> int:
         print(f"  {workers} worker(s) ...", flush=True)
         r = run_case(workers, args)
         oks.append(r["ok"])
-        rows.append([
-            str(workers), f"{r['post_seconds']:.1f}", f"{args.events / r['post_seconds']:.0f}",
-            f"{r['p50_ms']:.0f}/{r['p99_ms']:.0f}", json.dumps(r["statuses"]), str(r["non_2xx"]),
-            f"{r['delivered']}/{r['distinct']}", f"{r['end_to_end']:.1f}", f"{args.events / r['end_to_end']:.0f}",
-            " ".join(f"{a:.0f}->{b:.0f}" for a, b in zip(r["rss_start"], r["rss_end"], strict=True)),
-            verdict(r["ok"]),
-        ])
+        rows.append(
+            [
+                str(workers),
+                f"{r['post_seconds']:.1f}",
+                f"{args.events / r['post_seconds']:.0f}",
+                f"{r['p50_ms']:.0f}/{r['p99_ms']:.0f}",
+                json.dumps(r["statuses"]),
+                str(r["non_2xx"]),
+                f"{r['delivered']}/{r['distinct']}",
+                f"{r['end_to_end']:.1f}",
+                f"{args.events / r['end_to_end']:.0f}",
+                " ".join(f"{a:.0f}->{b:.0f}" for a, b in zip(r["rss_start"], r["rss_end"], strict=True)),
+                verdict(r["ok"]),
+            ]
+        )
     print()
-    print(table(rows, ["workers", "POST s", "POST req/s", "p50/p99 ms", "statuses", "non-2xx",
-                       "delivered/distinct", "first POST->last delivery s", "events/s e2e", "worker RSS MB start->end",
-                       "result"]))
+    print(
+        table(
+            rows,
+            [
+                "workers",
+                "POST s",
+                "POST req/s",
+                "p50/p99 ms",
+                "statuses",
+                "non-2xx",
+                "delivered/distinct",
+                "first POST->last delivery s",
+                "events/s e2e",
+                "worker RSS MB start->end",
+                "result",
+            ],
+        )
+    )
     print(f"\noverall: {'PASS' if all(oks) else 'FAIL'} (0 non-2xx, every event delivered exactly once)")
     return 0 if all(oks) else 1
 

@@ -1,8 +1,8 @@
 """A local delivery destination: answers 200 at once and counts what it got.
 
-    python bench/destination.py --port 9000
-    POST /hook     any body; counted by its Idempotency-Key header
-    GET  /stats    {"total", "distinct", "first_at", "last_at"} (epoch seconds)
+python bench/destination.py --port 9000
+POST /hook     any body; counted by its Idempotency-Key header
+GET  /stats    {"total", "distinct", "first_at", "last_at"} (epoch seconds)
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ async def hook(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response({"total": total, "distinct": len(keys), "first_at": first_at, "last_at": last_at})
+    return web.json_response(
+        {"total": total, "distinct": len(keys), "first_at": first_at, "last_at": last_at}
+    )
 
 
 def main() -> None:

@@ -28,12 +28,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
-    Stack, free_port, get_json, http_ok, install_signal_handlers, machine, profile_summary, py_spy,
-    settings_dict, table, verdict, wait_for, write_settings,
+import psutil
+from _common import (
+    Stack,
+    free_port,
+    get_json,
+    http_ok,
+    install_signal_handlers,
+    machine,
+    profile_summary,
+    py_spy,
+    settings_dict,
+    table,
+    verdict,
+    wait_for,
+    write_settings,
 )
-import psutil  # noqa: E402
-from _load import preload_arq_noop, preload_examhook  # noqa: E402
+from _load import preload_arq_noop, preload_examhook
 
 TARGET = 0.70
 ARQ_QUEUE = "arq:queue"
@@ -44,7 +55,9 @@ def _cpu(pid: int) -> float:
     return t.user + t.system
 
 
-def run_case(kind: str, procs: int, args: argparse.Namespace, profile_to: Path | None = None) -> dict[str, Any]:
+def run_case(
+    kind: str, procs: int, args: argparse.Namespace, profile_to: Path | None = None
+) -> dict[str, Any]:
     n = args.events
     with Stack(f"drain-{kind}-{procs}") as stack:
         redis = stack.redis(appendfsync="everysec", server=args.redis_server)
@@ -53,7 +66,9 @@ def run_case(kind: str, procs: int, args: argparse.Namespace, profile_to: Path |
             dport = free_port()
             dest = stack.python("destination", "destination.py", "--port", str(dport))
             wait_for(lambda: http_ok(f"http://127.0.0.1:{dport}/stats"), 20, f"destination:\n{dest.tail()}")
-            raw = settings_dict(redis.url, destination=f"http://127.0.0.1:{dport}/hook", log_level=args.log_level)
+            raw = settings_dict(
+                redis.url, destination=f"http://127.0.0.1:{dport}/hook", log_level=args.log_level
+            )
             settings = write_settings(stack, raw)
             loaded = asyncio.run(preload_examhook(raw, n))
             worker_args = ["--kind", "examhook", "--settings", str(settings)]
@@ -70,14 +85,37 @@ def run_case(kind: str, procs: int, args: argparse.Namespace, profile_to: Path |
         workers = []
         for i in range(procs):
             status = stack.dir / f"worker{i}.json"
-            proc = stack.python(f"worker{i}", "run_worker.py", *worker_args, "--burst", "--max-jobs",
-                                str(args.max_jobs), "--poll-delay", str(args.poll_delay), "--status-file", str(status))
+            proc = stack.python(
+                f"worker{i}",
+                "run_worker.py",
+                *worker_args,
+                "--burst",
+                "--max-jobs",
+                str(args.max_jobs),
+                "--poll-delay",
+                str(args.poll_delay),
+                "--status-file",
+                str(status),
+            )
             workers.append((proc, status))
         spy = None
         if profile_to is not None:
             wait_for(lambda: Path(str(workers[0][1]) + ".ready").exists(), 30, "worker not ready")
-            spy = stack.spawn("py-spy", [py_spy() or "py-spy", "record", "--pid", str(workers[0][0].pid), "-r", "250",
-                                         "-f", "raw", "-o", str(profile_to)])
+            spy = stack.spawn(
+                "py-spy",
+                [
+                    py_spy() or "py-spy",
+                    "record",
+                    "--pid",
+                    str(workers[0][0].pid),
+                    "-r",
+                    "250",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(profile_to),
+                ],
+            )
         deadline = time.monotonic() + args.timeout
         for proc, _ in workers:
             remaining = max(1.0, deadline - time.monotonic())
@@ -117,26 +155,35 @@ def run_case(kind: str, procs: int, args: argparse.Namespace, profile_to: Path |
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--quick", action="store_true", help="4,000 events")
     parser.add_argument("--procs", default="1,2", help="worker process counts to run")
-    parser.add_argument("--max-jobs", type=int, default=50, help="arq max_jobs (examhook worker.concurrency default)")
+    parser.add_argument(
+        "--max-jobs", type=int, default=50, help="arq max_jobs (examhook worker.concurrency default)"
+    )
     parser.add_argument("--poll-delay", type=float, default=0.05, help="arq poll_delay (examhook default)")
     parser.add_argument("--log-level", default="info", help="examhook log_level (product default: info)")
     parser.add_argument("--timeout", type=float, default=300.0, help="per case")
     parser.add_argument("--profile", action="store_true", help="also profile one examhook worker with py-spy")
     parser.add_argument("--profile-out", default=None)
     parser.add_argument("--redis-server", default=None)
-    parser.add_argument("--buffered-logs", action="store_true",
-                        help="PROTOTYPE: examhook workers buffer their log output (not product behaviour)")
+    parser.add_argument(
+        "--buffered-logs",
+        action="store_true",
+        help="PROTOTYPE: examhook workers buffer their log output (not product behaviour)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.events = 4_000
     install_signal_handlers()
     print(f"# drain benchmark | {machine()}")
-    print(f"# {args.events} jobs per case, max_jobs={args.max_jobs}, poll_delay={args.poll_delay}, burst mode;"
-          f" examhook log_level={args.log_level}")
+    print(
+        f"# {args.events} jobs per case, max_jobs={args.max_jobs}, poll_delay={args.poll_delay}, burst mode;"
+        f" examhook log_level={args.log_level}"
+    )
     rows, checks = [], []
     for procs in [int(p) for p in args.procs.split(",")]:
         print(f"  {procs} process(es): arq no-op ...", flush=True)
@@ -146,23 +193,50 @@ def main() -> int:
         ratio = ex["jobs_per_s"] / base["jobs_per_s"]
         ok = ratio >= TARGET and ex["exactly_once"] and base["exactly_once"]
         checks.append(ok)
-        rows.append([str(procs), f"{base['jobs_per_s']:.0f}", f"{ex['jobs_per_s']:.0f}", f"{ratio:.2f}",
-                     f">={TARGET:.0%}", f"{base['cpu_us']:.0f} / {ex['cpu_us']:.0f}",
-                     f"{base['redis_cpu_us']:.0f} / {ex['redis_cpu_us']:.0f}",
-                     f"{base['cmds_per_job']:.1f} / {ex['cmds_per_job']:.1f}", f"{ex['delivered']}/{ex['distinct']}", f"{ex['rss_start_mb']:.0f}->"
-                     f"{ex['rss_end_mb']:.0f}", verdict(ok)])
+        rows.append(
+            [
+                str(procs),
+                f"{base['jobs_per_s']:.0f}",
+                f"{ex['jobs_per_s']:.0f}",
+                f"{ratio:.2f}",
+                f">={TARGET:.0%}",
+                f"{base['cpu_us']:.0f} / {ex['cpu_us']:.0f}",
+                f"{base['redis_cpu_us']:.0f} / {ex['redis_cpu_us']:.0f}",
+                f"{base['cmds_per_job']:.1f} / {ex['cmds_per_job']:.1f}",
+                f"{ex['delivered']}/{ex['distinct']}",
+                f"{ex['rss_start_mb']:.0f}->{ex['rss_end_mb']:.0f}",
+                verdict(ok),
+            ]
+        )
     print()
-    print(table(rows, ["procs", "arq no-op jobs/s", "examhook jobs/s", "ratio", "target",
-                       "worker CPU us/job (arq/examhook)", "redis CPU us/job (arq/examhook)",
-                       "redis cmds/job", "delivered/distinct", "worker RSS MB", "result"]))
+    print(
+        table(
+            rows,
+            [
+                "procs",
+                "arq no-op jobs/s",
+                "examhook jobs/s",
+                "ratio",
+                "target",
+                "worker CPU us/job (arq/examhook)",
+                "redis CPU us/job (arq/examhook)",
+                "redis cmds/job",
+                "delivered/distinct",
+                "worker RSS MB",
+                "result",
+            ],
+        )
+    )
     if args.profile:
         with Stack("drain-profile") as holder:
             raw = Path(args.profile_out) if args.profile_out else holder.dir / "worker.raw"
             print("\nprofiling one examhook worker draining the queue with py-spy ...", flush=True)
             run_case("examhook", 1, args, profile_to=raw)
             print(profile_summary(raw, focus=("worker/", "shared/")))
-    print("(jobs/s: events / (last worker exit - first worker ready); CPU us/job = worker processes' CPU time"
-          " while draining / jobs, robust to machine noise)")
+    print(
+        "(jobs/s: events / (last worker exit - first worker ready); CPU us/job = worker processes' CPU time"
+        " while draining / jobs, robust to machine noise)"
+    )
     print(f"\noverall: {'PASS' if all(checks) else 'FAIL'}")
     return 0 if all(checks) else 1
 

@@ -18,18 +18,18 @@ import os
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import msgspec  # noqa: E402
-from arq import create_pool  # noqa: E402
-from arq.connections import RedisSettings  # noqa: E402
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, create_model  # noqa: E402
+import msgspec
+from arq import create_pool
+from arq.connections import RedisSettings
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from shared.payload import ExamResultsReleased  # noqa: E402
+from shared.payload import ExamResultsReleased
 
 USER, PASSWORD = os.environ.get("BENCH_USER", "synap"), os.environ.get("BENCH_PASSWORD", "s3cret")
 EXPECTED = f"{USER}:{PASSWORD}".encode()
@@ -77,11 +77,17 @@ def _model(info: msgspec.inspect.StructType) -> type[BaseModel]:
         elif f.default is not msgspec.NODEFAULT:
             default = f.default
             if isinstance(default, msgspec.Struct):
-                fields[f.name] = (typ, Field(alias=f.encode_name, default_factory=lambda d=default: _model(msgspec.inspect.type_info(type(d)))()))
+                fields[f.name] = (
+                    typ,
+                    Field(
+                        alias=f.encode_name,
+                        default_factory=lambda d=default: _model(msgspec.inspect.type_info(type(d)))(),
+                    ),
+                )
             else:
                 fields[f.name] = (typ, Field(alias=f.encode_name, default=default))
         else:
-            fields[f.name] = (Optional[typ], Field(alias=f.encode_name, default_factory=f.default_factory))  # noqa: UP007
+            fields[f.name] = (typ | None, Field(alias=f.encode_name, default_factory=f.default_factory))
     model = create_model(info.cls.__name__, __base__=_Base, **fields)
     _models[info.cls] = model
     return model

@@ -28,10 +28,25 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import psutil  # noqa: E402
-from _common import (  # noqa: E402
-    AUTH_B64, BENCH, SAMPLE, WEBHOOK_PATH, Stack, free_port, http_ok, install_signal_handlers, machine,
-    parse_tagged_json, profile_summary, py_spy, settings_dict, table, verdict, wait_for, write_settings,
+import psutil
+from _common import (
+    AUTH_B64,
+    BENCH,
+    SAMPLE,
+    WEBHOOK_PATH,
+    Stack,
+    free_port,
+    http_ok,
+    install_signal_handlers,
+    machine,
+    parse_tagged_json,
+    profile_summary,
+    py_spy,
+    settings_dict,
+    table,
+    verdict,
+    wait_for,
+    write_settings,
 )
 
 TARGET_EVERYSEC_RPS = 0.70
@@ -79,9 +94,19 @@ def _batch_mean(port: int) -> float:
 
 def run_wrk(port: int, seconds: float, tag: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [
-        args.wrk, f"-t{args.threads}", f"-c{args.connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-        "-s", str(BENCH / "wrk_post.lua"), f"http://127.0.0.1:{port}{WEBHOOK_PATH}",
-        "--", str(SAMPLE), tag, AUTH_B64,
+        args.wrk,
+        f"-t{args.threads}",
+        f"-c{args.connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(BENCH / "wrk_post.lua"),
+        f"http://127.0.0.1:{port}{WEBHOOK_PATH}",
+        "--",
+        str(SAMPLE),
+        tag,
+        AUTH_B64,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     found = parse_tagged_json(out.stdout, "WRKJSON ")
@@ -101,15 +126,26 @@ def start_variant(stack: Stack, variant: str, port: int, args: argparse.Namespac
     fsync = "always" if variant.startswith("always") else "everysec"
     redis = stack.redis(appendfsync=fsync, server=args.redis_server)
     if variant == "fastapi":
-        proc = stack.python("receiver", "fastapi_app.py", "--port", str(port), env={"BENCH_REDIS_URL": redis.url})
+        proc = stack.python(
+            "receiver", "fastapi_app.py", "--port", str(port), env={"BENCH_REDIS_URL": redis.url}
+        )
     else:
         # extra diagnostic variants: "-warn" = log_level warning (no per-request log line),
         # "-buflog" = PROTOTYPE buffered log output (bench/_common.py:buffer_log_output)
         level = "warning" if variant.endswith("-warn") else args.log_level
         settings = write_settings(stack, settings_dict(redis.url, log_level=level))
         extra = ["--buffered-logs"] if variant.endswith("-buflog") else []
-        proc = stack.python("receiver", "run_receiver.py", "--kind", "examhook", "--settings", str(settings),
-                            "--port", str(port), *extra)
+        proc = stack.python(
+            "receiver",
+            "run_receiver.py",
+            "--kind",
+            "examhook",
+            "--settings",
+            str(settings),
+            "--port",
+            str(port),
+            *extra,
+        )
     return proc, redis
 
 
@@ -117,7 +153,11 @@ def measure(variant: str, args: argparse.Namespace, profile_to: Path | None = No
     with Stack(variant) as stack:
         port = free_port()
         proc, redis = start_variant(stack, variant, port, args)
-        wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/healthz") or proc.popen.poll() is not None, 30, "no start")
+        wait_for(
+            lambda: http_ok(f"http://127.0.0.1:{port}/healthz") or proc.popen.poll() is not None,
+            30,
+            "no start",
+        )
         if proc.popen.poll() is not None:
             raise RuntimeError(f"{variant} receiver died:\n{proc.tail()}")
         run_wrk(port, args.warmup, "wu", args)
@@ -125,9 +165,23 @@ def measure(variant: str, args: argparse.Namespace, profile_to: Path | None = No
         q0 = int(redis.cmd("ZCARD", "examhook:queue")) if redis else 0
         spy = None
         if profile_to is not None:
-            spy = stack.spawn("py-spy", [py_spy() or "py-spy", "record", "--pid", str(proc.pid), "-d",
-                                         str(int(args.duration)), "-r", "250", "-f", "raw",
-                                         "-o", str(profile_to)])
+            spy = stack.spawn(
+                "py-spy",
+                [
+                    py_spy() or "py-spy",
+                    "record",
+                    "--pid",
+                    str(proc.pid),
+                    "-d",
+                    str(int(args.duration)),
+                    "-r",
+                    "250",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(profile_to),
+                ],
+            )
             time.sleep(0.5)
         sampler = RssSampler(proc.pid)
         cpu0 = _cpu(proc.pid), _cpu(redis.proc.pid) if redis else 0.0
@@ -153,17 +207,24 @@ def measure(variant: str, args: argparse.Namespace, profile_to: Path | None = No
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per variant and round")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     parser.add_argument("--quick", action="store_true", help="1 round of 3 s")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="wrk threads (the machine has few cores)")
-    parser.add_argument("--variants", default="fastapi,everysec,always",
-                        help="comma list of: fastapi, everysec, always; diagnostics: everysec-warn, everysec-buflog")
+    parser.add_argument(
+        "--variants",
+        default="fastapi,everysec,always",
+        help="comma list of: fastapi, everysec, always; diagnostics: everysec-warn, everysec-buflog",
+    )
     parser.add_argument("--log-level", default="info", help="examhook log_level (product default: info)")
-    parser.add_argument("--profile", action="store_true", help="also profile the everysec receiver with py-spy")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile the everysec receiver with py-spy"
+    )
     parser.add_argument("--profile-out", default=None, help="keep the raw py-spy profile at this path")
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     parser.add_argument("--redis-server", default=None, help="redis-server or valkey-server binary")
@@ -176,9 +237,12 @@ def main() -> int:
     install_signal_handlers()
     body_size = SAMPLE.stat().st_size
     print(f"# receiver benchmark | {machine()}")
-    print(f"# wrk -t{args.threads} -c{args.connections}, {args.duration:g}s measured after {args.warmup:g}s warmup,"
-          f" {args.rounds} interleaved round(s) (bare baseline before and after every variant);"
-          f" body {body_size} bytes; examhook log_level={args.log_level}")
+    print(
+        f"# wrk -t{args.threads} -c{args.connections}, {args.duration:g}s measured"
+        f" after {args.warmup:g}s warmup,"
+        f" {args.rounds} interleaved round(s) (bare baseline before and after every variant);"
+        f" body {body_size} bytes; examhook log_level={args.log_level}"
+    )
     variants = [v for v in args.variants.split(",") if v and v != "bare"]
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in ["bare", *variants]}
     ratios: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
@@ -196,21 +260,40 @@ def main() -> int:
             b_p99 = (last_bare["p99_us"] + bare["p99_us"]) / 2
             ratios[variant].append((r["rps"] / b_rps, r["p99_us"] / b_p99))
             last_bare = bare
-            print(f"    {variant}: {r['rps']:.0f} req/s p99 {r['p99_us'] / 1000:.1f} ms;"
-                  f" bare {bare['rps']:.0f} req/s p99 {bare['p99_us'] / 1000:.1f} ms", flush=True)
+            print(
+                f"    {variant}: {r['rps']:.0f} req/s p99 {r['p99_us'] / 1000:.1f} ms;"
+                f" bare {bare['rps']:.0f} req/s p99 {bare['p99_us'] / 1000:.1f} ms",
+                flush=True,
+            )
 
     def med(variant: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[variant])
 
     print()
-    rows = [["bare aiohttp (baseline)", f"{med('bare', 'rps'):.0f}", f"{med('bare', 'p50_us') / 1000:.2f}",
-             f"{med('bare', 'p99_us') / 1000:.2f}", "1.00", "1.00",
-             str(sum(r["err_status"] + r["errors"] for r in runs["bare"])), f"{med('bare', 'cpu_us'):.0f}", "-",
-             f"{max(r['rss_max_mb'] for r in runs['bare']):.1f}", "-", "-"]]
+    rows = [
+        [
+            "bare aiohttp (baseline)",
+            f"{med('bare', 'rps'):.0f}",
+            f"{med('bare', 'p50_us') / 1000:.2f}",
+            f"{med('bare', 'p99_us') / 1000:.2f}",
+            "1.00",
+            "1.00",
+            str(sum(r["err_status"] + r["errors"] for r in runs["bare"])),
+            f"{med('bare', 'cpu_us'):.0f}",
+            "-",
+            f"{max(r['rss_max_mb'] for r in runs['bare']):.1f}",
+            "-",
+            "-",
+        ]
+    ]
     checks: list[tuple[str, bool]] = []
-    names = {"fastapi": "fastapi+pydantic+arq (everysec)", "everysec": "examhook (everysec)",
-             "always": "examhook (always)", "everysec-warn": "examhook (everysec, log_level=warning)",
-             "everysec-buflog": "examhook (everysec, PROTOTYPE buffered logs)"}
+    names = {
+        "fastapi": "fastapi+pydantic+arq (everysec)",
+        "everysec": "examhook (everysec)",
+        "always": "examhook (always)",
+        "everysec-warn": "examhook (everysec, log_level=warning)",
+        "everysec-buflog": "examhook (everysec, PROTOTYPE buffered logs)",
+    }
     for variant in variants:
         ratio = statistics.median(x[0] for x in ratios[variant])
         p99r = statistics.median(x[1] for x in ratios[variant])
@@ -223,15 +306,45 @@ def main() -> int:
             target = f">={TARGET_ALWAYS_RPS:.0%} rps"
         if ok is not None:
             checks.append((f"{variant} throughput/latency", ok))
-        rows.append([names.get(variant, variant), f"{med(variant, 'rps'):.0f}", f"{med(variant, 'p50_us') / 1000:.2f}",
-                     f"{med(variant, 'p99_us') / 1000:.2f}", f"{ratio:.2f}", f"{p99r:.2f}",
-                     str(sum(r["err_status"] + r["errors"] for r in runs[variant])),
-                     f"{med(variant, 'cpu_us'):.0f}", f"{med(variant, 'redis_cpu_us'):.0f}",
-                     f"{max(r['rss_max_mb'] for r in runs[variant]):.1f}", target, verdict(ok)])
-    print(table(rows, ["variant", "req/s", "p50 ms", "p99 ms", "rps ratio", "p99 ratio", "non-2xx/err",
-                       "CPU us/req", "redis CPU us/req", "RSS max MB", "target", "result"]))
-    print("(medians over rounds; ratios are against the bare runs just before and after each run;"
-          " CPU us/req = receiver process CPU time / requests, robust to machine noise)")
+        rows.append(
+            [
+                names.get(variant, variant),
+                f"{med(variant, 'rps'):.0f}",
+                f"{med(variant, 'p50_us') / 1000:.2f}",
+                f"{med(variant, 'p99_us') / 1000:.2f}",
+                f"{ratio:.2f}",
+                f"{p99r:.2f}",
+                str(sum(r["err_status"] + r["errors"] for r in runs[variant])),
+                f"{med(variant, 'cpu_us'):.0f}",
+                f"{med(variant, 'redis_cpu_us'):.0f}",
+                f"{max(r['rss_max_mb'] for r in runs[variant]):.1f}",
+                target,
+                verdict(ok),
+            ]
+        )
+    print(
+        table(
+            rows,
+            [
+                "variant",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "rps ratio",
+                "p99 ratio",
+                "non-2xx/err",
+                "CPU us/req",
+                "redis CPU us/req",
+                "RSS max MB",
+                "target",
+                "result",
+            ],
+        )
+    )
+    print(
+        "(medians over rounds; ratios are against the bare runs just before and after each run;"
+        " CPU us/req = receiver process CPU time / requests, robust to machine noise)"
+    )
     print()
     for variant in ("everysec", "always"):
         if variant not in runs or not runs[variant]:
@@ -242,12 +355,17 @@ def main() -> int:
         per_event = statistics.median(r["used_memory_delta"] / max(1, r["queued"]) for r in runs[variant])
         mem_ok = per_event <= TARGET_MEM_PER_EVENT * body_size
         checks.append((f"{variant} redis memory/event", mem_ok))
-        print(f"examhook ({variant}): receiver RSS under load max {rss:.1f} MB (target <= {TARGET_RSS_MB})"
-              f" {verdict(rss_ok)}; Redis used_memory delta / queued events = {per_event:.0f} B/event ="
-              f" {per_event / body_size:.2f}x body (target <= {TARGET_MEM_PER_EVENT:g}x) {verdict(mem_ok)};"
-              f" mean group-commit batch {med(variant, 'batch_mean'):.1f} events")
+        print(
+            f"examhook ({variant}): receiver RSS under load max {rss:.1f} MB (target <= {TARGET_RSS_MB})"
+            f" {verdict(rss_ok)}; Redis used_memory delta / queued events = {per_event:.0f} B/event ="
+            f" {per_event / body_size:.2f}x body (target <= {TARGET_MEM_PER_EVENT:g}x) {verdict(mem_ok)};"
+            f" mean group-commit batch {med(variant, 'batch_mean'):.1f} events"
+        )
     if runs.get("fastapi") and runs.get("everysec"):
-        print(f"examhook (everysec) vs fastapi+pydantic+arq: {med('everysec', 'rps') / med('fastapi', 'rps'):.2f}x req/s")
+        print(
+            "examhook (everysec) vs fastapi+pydantic+arq: "
+            f"{med('everysec', 'rps') / med('fastapi', 'rps'):.2f}x req/s"
+        )
     if args.profile:
         out = Path(args.profile_out) if args.profile_out else None
         with Stack("profile") as holder:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiohttp import web  # noqa: E402
+from aiohttp import web
 
 
 def bare_app() -> web.Application:
@@ -38,7 +38,9 @@ def main() -> None:
     parser.add_argument("--kind", choices=["examhook", "bare"], required=True)
     parser.add_argument("--settings")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--buffered-logs", action="store_true", help="PROTOTYPE: buffer log output (see README)")
+    parser.add_argument(
+        "--buffered-logs", action="store_true", help="PROTOTYPE: buffer log output (see README)"
+    )
     args = parser.parse_args()
     if args.kind == "bare":
         app = bare_app()

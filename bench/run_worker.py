@@ -20,10 +20,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import psutil  # noqa: E402
-from arq import func  # noqa: E402
-from arq.connections import RedisSettings  # noqa: E402
-from arq.worker import Worker  # noqa: E402
+import psutil
+from arq import func
+from arq.connections import RedisSettings
+from arq.worker import Worker
 
 _proc = psutil.Process()
 
@@ -42,7 +42,9 @@ def main() -> None:
     parser.add_argument("--max-jobs", type=int, default=50)
     parser.add_argument("--poll-delay", type=float, default=0.05)
     parser.add_argument("--status-file", required=True)
-    parser.add_argument("--buffered-logs", action="store_true", help="PROTOTYPE: buffer log output (see README)")
+    parser.add_argument(
+        "--buffered-logs", action="store_true", help="PROTOTYPE: buffer log output (see README)"
+    )
     args = parser.parse_args()
     status = Path(args.status_file)
     marks: dict[str, Any] = {}
@@ -61,7 +63,9 @@ def main() -> None:
 
         settings = settings_from_dict(json.loads(Path(args.settings).read_text()))
         configure_logging(settings.log_level)
-        kwargs = worker_settings(settings, burst=args.burst, concurrency=args.max_jobs, poll_delay=args.poll_delay)
+        kwargs = worker_settings(
+            settings, burst=args.burst, concurrency=args.max_jobs, poll_delay=args.poll_delay
+        )
         product_startup = kwargs["on_startup"]
 
         flusher = None

@@ -137,10 +137,15 @@ async def _stop_worker(worker: Any, task: asyncio.Task[None]) -> None:
 
 
 def _banner(settings: Settings, host: str, port: int, *, embedded: bool, directory: Path) -> None:
-    echo = lambda text="": click.echo(text, err=True)  # noqa: E731
+    def echo(text: str = "") -> None:
+        click.echo(text, err=True)
+
     echo("examhook dev is running")
     echo(f"  webhook URL : http://{host}:{port}/webhooks/exam-results-released")
-    echo(f"  redis       : {mask_url(settings.redis.url)}" + (f" (embedded Valkey, data in {directory / 'valkey'})" if embedded else ""))
+    echo(
+        f"  redis       : {mask_url(settings.redis.url)}"
+        + (f" (embedded Valkey, data in {directory / 'valkey'})" if embedded else "")
+    )
     for integration in settings.integrations:
         target = getattr(integration, "path", None) or getattr(integration, "url", None) or integration.name
         echo(f"  delivers to : {integration.name} ({integration.__struct_config__.tag}) -> {target}")

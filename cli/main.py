@@ -41,13 +41,26 @@ def cli() -> None:
 @cli.command()
 @click.option("--host", default=None, help="Address to listen on (default: receiver.host, 0.0.0.0).")
 @click.option("--port", type=int, default=None, help="Port to listen on (default: receiver.port, 8080).")
-@click.option("--no-auth", is_flag=True, help="Accept requests without Basic credentials (not for production).")
-@click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Receiver processes sharing the port (SO_REUSEPORT).")
+@click.option(
+    "--no-auth", is_flag=True, help="Accept requests without Basic credentials (not for production)."
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Receiver processes sharing the port (SO_REUSEPORT).",
+)
 @click.option("--reuse-port", is_flag=True, hidden=True)
 @config_option
-def receive(host: str | None, port: int | None, no_auth: bool, processes: int, reuse_port: bool,
-            config_path: str | None) -> None:
+def receive(
+    host: str | None,
+    port: int | None,
+    no_auth: bool,
+    processes: int,
+    reuse_port: bool,
+    config_path: str | None,
+) -> None:
     """Run the HTTP receiver."""
     settings = settings_or_exit(config_path)
     if not settings.auth_configured and not no_auth:
@@ -69,8 +82,16 @@ def receive(host: str | None, port: int | None, no_auth: bool, processes: int, r
         log.warning("authentication is OFF (--no-auth): anyone can post results")
     app = create_app(settings, require_auth=not no_auth)
     log.info("receiver listening", extra={"host": host, "port": port, "pid": os.getpid()})
-    web.run_app(app, host=host, port=port, access_log=None, print=None, reuse_port=reuse_port or None,
-                shutdown_timeout=30.0, handler_cancellation=False)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        access_log=None,
+        print=None,
+        reuse_port=reuse_port or None,
+        shutdown_timeout=30.0,
+        handler_cancellation=False,
+    )
 
 
 def _run_processes(count: int, host: str, port: int, no_auth: bool, config_path: str | None) -> int:
@@ -94,8 +115,12 @@ def _run_processes(count: int, host: str, port: int, no_auth: bool, config_path:
 
 
 @cli.command()
-@click.option("--concurrency", type=click.IntRange(1, 10_000), default=None,
-              help="Jobs run at once by this process (default: worker.concurrency, 50).")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 10_000),
+    default=None,
+    help="Jobs run at once by this process (default: worker.concurrency, 50).",
+)
 @click.option("--burst", is_flag=True, help="Exit once the queue is empty.")
 @click.option("--check", is_flag=True, help="Health check: exit 0 if a worker reported recently, else 1.")
 @config_option
@@ -262,14 +287,25 @@ def _parse_age(ctx: click.Context, param: click.Parameter, value: str | None) ->
 @failures.command("list")
 @click.option("--integration", default=None)
 @click.option("--exam", "exam_id", default=None, help="Only failures of this exam id.")
-@click.option("--older-than", default=None, callback=_parse_age,
-              help="Last attempt at least this long ago (30m, 12h, 7d).")
+@click.option(
+    "--older-than",
+    default=None,
+    callback=_parse_age,
+    help="Last attempt at least this long ago (30m, 12h, 7d).",
+)
 @click.option("--newer-than", default=None, callback=_parse_age, help="Last attempt at most this long ago.")
 @json_option
 @data_dir_option
 @config_option
-def failures_list(integration: str | None, exam_id: str | None, older_than: float | None,
-                  newer_than: float | None, as_json: bool, data_dir: str, config_path: str | None) -> None:
+def failures_list(
+    integration: str | None,
+    exam_id: str | None,
+    older_than: float | None,
+    newer_than: float | None,
+    as_json: bool,
+    data_dir: str,
+    config_path: str | None,
+) -> None:
     """One row per failed delivery."""
     older, newer = older_than, newer_than
     settings = inspection_settings(config_path, data_dir)
@@ -280,8 +316,11 @@ def failures_list(integration: str | None, exam_id: str | None, older_than: floa
     if as_json:
         print_json(data)
         return
-    print_table(data, ["event_id", "integration", "attempts", "last_attempt_at", "exam_id", "last_error"],
-                empty="no failed deliveries")
+    print_table(
+        data,
+        ["event_id", "integration", "attempts", "last_attempt_at", "exam_id", "last_error"],
+        empty="no failed deliveries",
+    )
 
 
 @failures.command("show")
@@ -290,8 +329,9 @@ def failures_list(integration: str | None, exam_id: str | None, older_than: floa
 @json_option
 @data_dir_option
 @config_option
-def failures_show(event_id: str, integration: str | None, as_json: bool, data_dir: str,
-                  config_path: str | None) -> None:
+def failures_show(
+    event_id: str, integration: str | None, as_json: bool, data_dir: str, config_path: str | None
+) -> None:
     """Everything known about an event: payload, and each attempt's outcome."""
     settings = inspection_settings(config_path, data_dir)
     detail = run_inspection(settings, lambda i: i.event_detail(event_id, integration))
@@ -302,15 +342,18 @@ def failures_show(event_id: str, integration: str | None, as_json: bool, data_di
         return
     click.echo(f"event {event_id}")
     for delivery in detail["deliveries"]:
-        click.echo(f"\n[{delivery['integration']}] {delivery['status']}, {delivery['attempts']} attempt(s)"
-                   f", last error: {delivery['last_error'] or '-'}")
+        click.echo(
+            f"\n[{delivery['integration']}] {delivery['status']}, {delivery['attempts']} attempt(s)"
+            f", last error: {delivery['last_error'] or '-'}"
+        )
         print_table(delivery["attempt_log"], ["attempt", "at", "outcome", "status", "duration_ms", "error"])
     click.echo("\npayload:")
     print_json(detail["payload"])
 
 
-def _select_pairs(inspector: Inspector, event_ids: tuple[str, ...], all_: bool,
-                  integration: str | None) -> Any:
+def _select_pairs(
+    inspector: Inspector, event_ids: tuple[str, ...], all_: bool, integration: str | None
+) -> Any:
     return inspector.failure_pairs(None if all_ else list(event_ids), integration)
 
 
@@ -326,8 +369,14 @@ def _require_selection(event_ids: tuple[str, ...], all_: bool) -> None:
 @json_option
 @data_dir_option
 @config_option
-def failures_retry(event_ids: tuple[str, ...], all_: bool, integration: str | None, as_json: bool,
-                   data_dir: str, config_path: str | None) -> None:
+def failures_retry(
+    event_ids: tuple[str, ...],
+    all_: bool,
+    integration: str | None,
+    as_json: bool,
+    data_dir: str,
+    config_path: str | None,
+) -> None:
     """Queue failed deliveries again (a fresh round of attempts); prints how many."""
     _require_selection(event_ids, all_)
     settings = inspection_settings(config_path, data_dir)
@@ -341,7 +390,7 @@ def failures_retry(event_ids: tuple[str, ...], all_: bool, integration: str | No
             q, s = await inspector.retry(pairs[start : start + step])
             queued, skipped = queued + q, skipped + s
             if show_progress and len(pairs) > step:
-                click.echo(f"\r{start + len(pairs[start:start + step])}/{len(pairs)}", nl=False, err=True)
+                click.echo(f"\r{start + len(pairs[start : start + step])}/{len(pairs)}", nl=False, err=True)
         if show_progress and len(pairs) > step:
             click.echo(err=True)
         return queued, skipped
@@ -360,8 +409,14 @@ def failures_retry(event_ids: tuple[str, ...], all_: bool, integration: str | No
 @json_option
 @data_dir_option
 @config_option
-def failures_purge(event_ids: tuple[str, ...], all_: bool, integration: str | None, as_json: bool,
-                   data_dir: str, config_path: str | None) -> None:
+def failures_purge(
+    event_ids: tuple[str, ...],
+    all_: bool,
+    integration: str | None,
+    as_json: bool,
+    data_dir: str,
+    config_path: str | None,
+) -> None:
     """Forget failed deliveries."""
     _require_selection(event_ids, all_)
     settings = inspection_settings(config_path, data_dir)
@@ -436,8 +491,9 @@ def rejected_show(reject_id: str, as_json: bool, data_dir: str, config_path: str
 @json_option
 @data_dir_option
 @config_option
-def rejected_purge(reject_ids: tuple[str, ...], all_: bool, as_json: bool, data_dir: str,
-                   config_path: str | None) -> None:
+def rejected_purge(
+    reject_ids: tuple[str, ...], all_: bool, as_json: bool, data_dir: str, config_path: str | None
+) -> None:
     """Delete quarantined bodies (all of them when no id is given)."""
     settings = inspection_settings(config_path, data_dir)
     ids = list(reject_ids) if reject_ids and not all_ else None
@@ -455,8 +511,14 @@ def rejected_purge(reject_ids: tuple[str, ...], all_: bool, as_json: bool, data_
 @json_option
 @data_dir_option
 @config_option
-def erase(user_id: str | None, email: str | None, dry_run: bool, as_json: bool, data_dir: str,
-          config_path: str | None) -> None:
+def erase(
+    user_id: str | None,
+    email: str | None,
+    dry_run: bool,
+    as_json: bool,
+    data_dir: str,
+    config_path: str | None,
+) -> None:
     """Remove every trace of one learner that examhook holds in Redis."""
     if not user_id and not email:
         raise click.UsageError("give --user-id or --email")
@@ -465,15 +527,18 @@ def erase(user_id: str | None, email: str | None, dry_run: bool, as_json: bool, 
     from shared.erasure import erase_learner
 
     settings = inspection_settings(config_path, data_dir)
-    report = run_inspection(settings, lambda i: erase_learner(i.store, user_id=user_id, email=email,
-                                                              dry_run=dry_run))
+    report = run_inspection(
+        settings, lambda i: erase_learner(i.store, user_id=user_id, email=email, dry_run=dry_run)
+    )
     if as_json:
         print_json(msgspec.to_builtins(report))
         return
     verb = "would remove" if dry_run else "removed"
-    click.echo(f"{verb}: {len(report.events)} event(s), {report.keys_deleted} key(s), "
-               f"{report.queued_jobs_removed} queued job(s), {report.failures_removed} failure record(s), "
-               f"{report.rejected_removed} rejected body(ies)")
+    click.echo(
+        f"{verb}: {len(report.events)} event(s), {report.keys_deleted} key(s), "
+        f"{report.queued_jobs_removed} queued job(s), {report.failures_removed} failure record(s), "
+        f"{report.rejected_removed} rejected body(ies)"
+    )
     for event_id in report.events:
         click.echo(f"  {event_id}")
     click.echo(f"note: {report.not_covered}")

@@ -17,10 +17,42 @@ import click
 
 from shared.settings import Settings
 
-FIRST = ["Ada", "Alan", "Grace", "Katherine", "Tim", "Margaret", "Edsger", "Barbara", "Donald", "Frances",
-         "Ken", "Radia", "Sophie", "Niklaus", "Hedy", "Linus"]
-LAST = ["Lovelace", "Turing", "Hopper", "Johnson", "Berners-Lee", "Hamilton", "Dijkstra", "Liskov", "Knuth",
-        "Allen", "Thompson", "Perlman", "Wilson", "Wirth", "Lamarr", "Torvalds"]
+FIRST = [
+    "Ada",
+    "Alan",
+    "Grace",
+    "Katherine",
+    "Tim",
+    "Margaret",
+    "Edsger",
+    "Barbara",
+    "Donald",
+    "Frances",
+    "Ken",
+    "Radia",
+    "Sophie",
+    "Niklaus",
+    "Hedy",
+    "Linus",
+]
+LAST = [
+    "Lovelace",
+    "Turing",
+    "Hopper",
+    "Johnson",
+    "Berners-Lee",
+    "Hamilton",
+    "Dijkstra",
+    "Liskov",
+    "Knuth",
+    "Allen",
+    "Thompson",
+    "Perlman",
+    "Wilson",
+    "Wirth",
+    "Lamarr",
+    "Torvalds",
+]
 
 
 def _iso(moment: datetime) -> str:
@@ -64,7 +96,9 @@ async def send_samples(settings: Settings, *, url: str, count: int, concurrency:
     headers = {"Content-Type": "application/json"}
     receiver = settings.receiver
     if receiver.basic_auth_user and receiver.basic_auth_password:
-        headers["Authorization"] = aiohttp.encode_basic_auth(receiver.basic_auth_user, receiver.basic_auth_password)
+        headers["Authorization"] = aiohttp.encode_basic_auth(
+            receiver.basic_auth_user, receiver.basic_auth_password
+        )
     statuses: Counter[str] = Counter()
     bodies = sample_events(count)
     gate = asyncio.Semaphore(concurrency)

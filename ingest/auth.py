@@ -36,7 +36,7 @@ class BasicAuth:
     def check(self, header: str | None) -> bool:
         if not self.enabled:
             return True
-        if not header or not header[:6].lower() == "basic ":
+        if not header or header[:6].lower() != "basic ":
             return False
         try:
             given = base64.b64decode(header[6:].strip(), validate=True)

@@ -43,7 +43,10 @@ class GroupCommit:
                 del self._pending[: self.max_batch]
                 enqueued = now_ms()
                 events = [event for event, _ in batch]
-                jobs = [encode_job(HANDLE_EVENT, (e.event_id, e.attempt_id, e.released_ms), enqueued) for e in events]
+                jobs = [
+                    encode_job(HANDLE_EVENT, (e.event_id, e.attempt_id, e.released_ms), enqueued)
+                    for e in events
+                ]
                 try:
                     results = await self.store.accept_batch(events, jobs)
                 except BaseException as exc:  # every waiter learns of the failure

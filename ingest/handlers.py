@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -24,7 +25,9 @@ _json = msgspec.json.Encoder()
 
 
 def json_response(data: dict[str, object], status: int, **headers: str) -> web.Response:
-    return web.Response(body=_json.encode(data), status=status, content_type="application/json", headers=headers)
+    return web.Response(
+        body=_json.encode(data), status=status, content_type="application/json", headers=headers
+    )
 
 
 def queue_unavailable() -> web.Response:
@@ -77,8 +80,14 @@ async def _receive(request: web.Request) -> web.Response:
         # since the body is forwarded byte for byte.
         body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return await _reject(request, body, "invalid_json", f"body is not valid UTF-8: {exc.reason} "
-                             f"at byte {exc.start}", None, 400)
+        return await _reject(
+            request,
+            body,
+            "invalid_json",
+            f"body is not valid UTF-8: {exc.reason} at byte {exc.start}",
+            None,
+            400,
+        )
     try:
         event = decoder.decode(body)
     except msgspec.ValidationError as exc:
@@ -149,10 +158,9 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     app = request.app
     registry = app[METRICS].registry
-    try:
+    # with Redis down the queue gauges keep their last value; /readyz reports the outage
+    with contextlib.suppress(RedisError, OSError):
         await _queue_gauges(app)
-    except (RedisError, OSError):
-        pass  # the queue gauges keep their last value; /readyz reports the outage
     return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -55,7 +55,9 @@ def event_id(event: ExamResultsReleased) -> str:
     of the same attempt (later ``releasedAt``) gets a new one.
     """
     # a JSON array: unambiguous whatever characters the three values contain
-    material = _json_encoder.encode([event.meta.event_name, event.attempt.id, event.attempt.audit.released_at])
+    material = _json_encoder.encode(
+        [event.meta.event_name, event.attempt.id, event.attempt.audit.released_at]
+    )
     return "evt_" + hashlib.sha256(material).hexdigest()[:32]
 
 
@@ -70,7 +72,9 @@ def released_ms(event: ExamResultsReleased) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def encode_job(function: str, args: tuple[Any, ...], enqueue_time_ms: int, job_try: int | None = None) -> bytes:
+def encode_job(
+    function: str, args: tuple[Any, ...], enqueue_time_ms: int, job_try: int | None = None
+) -> bytes:
     """An arq job exactly as ``arq.jobs.serialize_job`` would write it with our serializer."""
     return _msgpack_encoder.encode({"t": job_try, "f": function, "a": args, "k": {}, "et": enqueue_time_ms})
 

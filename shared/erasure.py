@@ -45,7 +45,9 @@ async def erase_learner(
             event = decoder.decode(body)
         except msgspec.DecodeError:
             continue
-        if (user_id and event.user.id == user_id) or (wanted_email and event.user.email.casefold() == wanted_email):
+        if (user_id and event.user.id == user_id) or (
+            wanted_email and event.user.email.casefold() == wanted_email
+        ):
             events[key.decode().rsplit(":", 1)[1]] = event.attempt.id
 
     rejected_ids = await _matching_rejected(store, user_id, wanted_email)
@@ -58,26 +60,40 @@ async def erase_learner(
         handle_job = keys.handle_job_id(event_id)
         queue_members.append(handle_job)
         to_delete += [f"arq:job:{handle_job}", f"arq:retry:{handle_job}"]
-        for pattern in (f"{keys.prefix}:pair:{event_id}:*", f"{keys.prefix}:attempts:{event_id}:*",
-                        f"{keys.prefix}:delivered:{event_id}:*", f"{keys.prefix}:lock:{event_id}:*"):
+        for pattern in (
+            f"{keys.prefix}:pair:{event_id}:*",
+            f"{keys.prefix}:attempts:{event_id}:*",
+            f"{keys.prefix}:delivered:{event_id}:*",
+            f"{keys.prefix}:lock:{event_id}:*",
+        ):
             to_delete += [k.decode() async for k in redis.scan_iter(match=pattern, count=1000)]
         async for job_key in redis.scan_iter(match=f"arq:job:{handle_job}:*", count=1000):
             job_id = job_key.decode().removeprefix("arq:job:")
             queue_members.append(job_id)
             to_delete += [job_key.decode(), f"arq:retry:{job_id}"]
         failure_members += [
-            m.decode() for m in await redis.zrange(keys.failures, 0, -1) if m.decode().startswith(f"{event_id}:")
+            m.decode()
+            for m in await redis.zrange(keys.failures, 0, -1)
+            if m.decode().startswith(f"{event_id}:")
         ]
         # retry jobs whose job key already expired still sit in the queue
         queue_members += [
-            m.decode() for m in await redis.zrange(keys.queue, 0, -1) if m.decode().startswith(f"{handle_job}:")
+            m.decode()
+            for m in await redis.zrange(keys.queue, 0, -1)
+            if m.decode().startswith(f"{handle_job}:")
         ]
     to_delete += [keys.rejected_item(r) for r in rejected_ids]
 
     if dry_run:
         existing = sum([await redis.exists(k) for k in to_delete]) if to_delete else 0
-        return ErasureReport(sorted(events), existing, len(set(queue_members)), len(failure_members),
-                             len(rejected_ids), dry_run=True)
+        return ErasureReport(
+            sorted(events),
+            existing,
+            len(set(queue_members)),
+            len(failure_members),
+            len(rejected_ids),
+            dry_run=True,
+        )
 
     deleted = queued = failures = rejected = 0
     async with redis.pipeline(transaction=True) as pipe:
@@ -122,5 +138,3 @@ async def _matching_rejected(store: Store, user_id: str | None, email: str | Non
         if (user_id and user_id in text) or (email and email in text.casefold()):
             found.append(reject_id)
     return found
-
-

@@ -6,10 +6,12 @@ Used by the CLI (``examhook queue``, ``failures``, ``rejected``) and the admin p
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import msgspec
+from redis.asyncio import Redis
 
 from shared.contract import pair_member, split_pair_member
 from shared.payload import decoder
@@ -20,7 +22,20 @@ def iso(ms: int | str | bytes | None) -> str | None:
     if ms in (None, b"", ""):
         return None
     assert ms is not None
-    return datetime.fromtimestamp(int(ms) / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        datetime.fromtimestamp(int(ms) / 1000, tz=UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+# redis-py types its commands as "result or awaitable of it"; the asyncio client awaits.
+async def _hgetall(redis: Redis, key: str) -> dict[bytes, bytes]:
+    return await cast(Awaitable[dict[bytes, bytes]], redis.hgetall(key))
+
+
+async def _lrange(redis: Redis, key: str) -> list[bytes]:
+    return await cast(Awaitable[list[bytes]], redis.lrange(key, 0, -1))
 
 
 class FailureRow(msgspec.Struct):
@@ -74,7 +89,7 @@ class Inspector:
             _, integration = split_pair_member(member.decode())
             bucket(integration)["failed"] += 1
         oldest = await self.redis.zrangebyscore(k.queue, "-inf", now, start=0, num=1, withscores=True)
-        stats = {key.decode(): int(v) for key, v in (await self.redis.hgetall(k.stats)).items()}
+        stats = {key.decode(): int(v) for key, v in (await _hgetall(self.redis, k.stats)).items()}
         return {
             **totals,
             "failed": len(failures),
@@ -162,8 +177,8 @@ class Inspector:
         deliveries = []
         for pair_key in pair_keys:
             name = pair_key.rsplit(":", 1)[1]
-            state = {key.decode(): v.decode() for key, v in (await self.redis.hgetall(pair_key)).items()}
-            attempts = [msgspec.json.decode(a) for a in await self.redis.lrange(k.attempts(event_id, name), 0, -1)]
+            state = {key.decode(): v.decode() for key, v in (await _hgetall(self.redis, pair_key)).items()}
+            attempts = [msgspec.json.decode(a) for a in await _lrange(self.redis, k.attempts(event_id, name))]
             for attempt in attempts:
                 attempt["at"] = iso(attempt["at"])
             failed = await self.redis.zscore(k.failures, pair_member(event_id, name)) is not None

@@ -28,7 +28,7 @@ class Base(msgspec.Struct, rename="camel", frozen=True, gc=False):
     """
 
 
-class User(Base):
+class User(Base, frozen=True):
     id: str
     name: str
     email: str
@@ -36,26 +36,26 @@ class User(Base):
     custom_attributes: dict[str, CustomValue] = {}
 
 
-class Portal(Base):
+class Portal(Base, frozen=True):
     id: str
 
 
-class Meta(Base):
+class Meta(Base, frozen=True):
     timestamp: str
     event_name: str
 
 
-class Grade(Base):
+class Grade(Base, frozen=True):
     label: str
     is_pass: bool
     min_score: float
 
 
-class GradeCriteria(Base):
+class GradeCriteria(Base, frozen=True):
     grades: list[Grade]
 
 
-class Instructions(Base):
+class Instructions(Base, frozen=True):
     is_unlocked: bool
     did_progress: bool
     time_started: str
@@ -63,17 +63,17 @@ class Instructions(Base):
     time_spent_in_ms: float
 
 
-class Results(Base):
+class Results(Base, frozen=True):
     marking_status: str
     pending_marks: float
     status: str
 
 
-class Deferred(Base):
+class Deferred(Base, frozen=True):
     locked: bool
 
 
-class AttemptState(Base):
+class AttemptState(Base, frozen=True):
     response_question_map: list[list[str]]
     is_revoked: bool
     is_started: bool
@@ -85,14 +85,14 @@ class AttemptState(Base):
     instructions: Instructions | None = None
 
 
-class Marks(Base):
+class Marks(Base, frozen=True):
     max_points: float
     credits: float
     penalties: float
     points: float
 
 
-class Tags(Base):
+class Tags(Base, frozen=True):
     non_facet_tags: list[str]
     context: list[str]
     skill: list[str]
@@ -104,18 +104,18 @@ class Tags(Base):
     exam: list[str]
 
 
-class Ref(Base):
+class Ref(Base, frozen=True):
     id: str
 
 
-class Audit(Base):
+class Audit(Base, frozen=True):
     finalised_by: str
     finalised_at: str
     released_by: str
     released_at: str
 
 
-class Attempt(Base):
+class Attempt(Base, frozen=True):
     score: float
     score_frac: float
     total_answered_correctly: float
@@ -140,13 +140,13 @@ class Attempt(Base):
     resit_count: float
 
 
-class Test(Base):
+class Test(Base, frozen=True):
     __test__ = False  # not a pytest test class
     id: str
     title: str
 
 
-class ExamAttr(Base):
+class ExamAttr(Base, frozen=True):
     """Portal-specific custom attributes: every key optional, extra keys ignored."""
 
     exam_weight: float | None = msgspec.field(default=None, name="exam-weight")
@@ -158,12 +158,12 @@ class ExamAttr(Base):
     cohort_number: str | None = msgspec.field(default=None, name="cohort_number")
 
 
-class UserGroup(Base):
+class UserGroup(Base, frozen=True):
     id: str
     name: str
 
 
-class Exam(Base):
+class Exam(Base, frozen=True):
     id: str
     name: str
     resit_count: float
@@ -172,7 +172,7 @@ class Exam(Base):
     attr: ExamAttr = ExamAttr()
 
 
-class ExamResultsReleased(Base):
+class ExamResultsReleased(Base, frozen=True):
     """The whole webhook body."""
 
     user: User

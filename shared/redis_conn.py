@@ -90,7 +90,7 @@ def redis_client(settings: Settings, **overrides: object) -> Redis:
     if target is not None:
         from redis.asyncio.sentinel import Sentinel
 
-        sentinel = Sentinel(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
             target.sentinels,
             socket_timeout=SOCKET_TIMEOUT_SECONDS,
             socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
@@ -105,7 +105,8 @@ def redis_client(settings: Settings, **overrides: object) -> Redis:
             **options,  # type: ignore[arg-type]
         )
         return master
-    return Redis.from_url(settings.redis.url, **options)  # type: ignore[arg-type]
+    client: Redis = Redis.from_url(settings.redis.url, **options)  # type: ignore[arg-type]
+    return client
 
 
 def arq_redis_settings(settings: Settings) -> RedisSettings:

@@ -33,7 +33,7 @@ class Base(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True
     """Base for settings Structs: unknown keys are errors (a typo must not pass silently)."""
 
 
-class When(Base):
+class When(Base, frozen=True):
     """Which events an integration receives. Every key present must match (AND);
     list keys match when the event's value is one of the list (OR)."""
 
@@ -47,7 +47,7 @@ class When(Base):
     custom_attributes: dict[str, str | int | float | bool | None] | None = None
 
 
-class IntegrationBase(Base, tag_field="type", kw_only=True):
+class IntegrationBase(Base, tag_field="type", kw_only=True, frozen=True):
     name: IntegrationName
     when: When = When()
     timeout_seconds: PositiveFloat = 10.0
@@ -56,17 +56,17 @@ class IntegrationBase(Base, tag_field="type", kw_only=True):
     backoff_max_seconds: PositiveFloat = 1800.0
 
 
-class HttpIntegration(IntegrationBase, tag="http", kw_only=True):
+class HttpIntegration(IntegrationBase, tag="http", kw_only=True, frozen=True):
     url: str
     headers: dict[str, str] = {}
     signing_secret: str | None = None
 
 
-class FileIntegration(IntegrationBase, tag="file", kw_only=True):
+class FileIntegration(IntegrationBase, tag="file", kw_only=True, frozen=True):
     path: str
 
 
-class EmailIntegration(IntegrationBase, tag="email", kw_only=True):
+class EmailIntegration(IntegrationBase, tag="email", kw_only=True, frozen=True):
     smtp_host: str
     smtp_port: int | None = None  # 587 for starttls/none, 465 for implicit TLS
     tls: Literal["starttls", "implicit", "none"] = "starttls"
@@ -83,7 +83,7 @@ class EmailIntegration(IntegrationBase, tag="email", kw_only=True):
     fail_html_template: str | None = None
 
 
-class PostgresIntegration(IntegrationBase, tag="postgres", kw_only=True):
+class PostgresIntegration(IntegrationBase, tag="postgres", kw_only=True, frozen=True):
     dsn: str
     # at most 55 characters, so "<table>_current" and index names fit PostgreSQL's 63
     table: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,54}$")] = "exam_results"
@@ -93,13 +93,13 @@ class PostgresIntegration(IntegrationBase, tag="postgres", kw_only=True):
 Integration = HttpIntegration | FileIntegration | EmailIntegration | PostgresIntegration
 
 
-class RedisConfig(Base):
+class RedisConfig(Base, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
     # Every key examhook writes starts with this (see shared.contract).
     prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]+$")] = "examhook"
 
 
-class ReceiverConfig(Base):
+class ReceiverConfig(Base, frozen=True):
     host: str = "0.0.0.0"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     basic_auth_user: str | None = None
@@ -109,7 +109,7 @@ class ReceiverConfig(Base):
     max_batch: PositiveInt = 256
 
 
-class WorkerConfig(Base):
+class WorkerConfig(Base, frozen=True):
     concurrency: PositiveInt = 50
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
     health_check_interval_seconds: PositiveInt = 10
@@ -122,7 +122,7 @@ class WorkerConfig(Base):
     poll_delay_seconds: PositiveFloat = 0.05
 
 
-class RetentionConfig(Base):
+class RetentionConfig(Base, frozen=True):
     """How long each stored copy of personal data lives in Redis."""
 
     dedup_window_seconds: PositiveInt = 7 * DAY
@@ -132,7 +132,7 @@ class RetentionConfig(Base):
     rejected_max: PositiveInt = 1000
 
 
-class Settings(Base):
+class Settings(Base, frozen=True):
     redis: RedisConfig = RedisConfig()
     receiver: ReceiverConfig = ReceiverConfig()
     worker: WorkerConfig = WorkerConfig()
@@ -320,8 +320,8 @@ SECRET_KEYS = {"basic_auth_password", "signing_secret", "password", "admin_token
 
 def masked(settings: Settings) -> dict[str, Any]:
     """The effective settings as plain data, secrets replaced by ``***``."""
-    data: dict[str, Any] = msgspec.to_builtins(settings)
-    return _mask(data)
+    data: dict[str, Any] = _mask(msgspec.to_builtins(settings))
+    return data
 
 
 def _mask(value: Any, key: str = "") -> Any:

@@ -123,7 +123,11 @@ class Store:
         k = self.keys
         cutoff = now_ms() - self.retention.rejected_seconds * 1000
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(k.rejected_item(rejected.id), msgspec.json.encode(rejected), px=self.retention.rejected_seconds * 1000)
+            pipe.set(
+                k.rejected_item(rejected.id),
+                msgspec.json.encode(rejected),
+                px=self.retention.rejected_seconds * 1000,
+            )
             pipe.zadd(k.rejected, {rejected.id: rejected.received_at})
             pipe.zremrangebyscore(k.rejected, "-inf", cutoff)
             pipe.zrange(k.rejected, 0, -(self.retention.rejected_max + 1))
@@ -167,7 +171,10 @@ class Store:
             ]
         )
         body = result[0] or None
-        claims = [Claim(state.decode(), int(attempts), interrupted == b"1") for state, attempts, interrupted in result[1:]]
+        claims = [
+            Claim(state.decode(), int(attempts), interrupted == b"1")
+            for state, attempts, interrupted in result[1:]
+        ]
         return body, claims
 
     async def record(
@@ -206,7 +213,12 @@ class Store:
         job_id = self.keys.deliver_job_id(event_id, integration)
         await self._enqueue(
             keys=[f"arq:job:{job_id}", self.keys.queue],
-            args=[encode_job(DELIVER, (event_id, integration), now_ms()), self.payload_ttl_ms, run_at, job_id],
+            args=[
+                encode_job(DELIVER, (event_id, integration), now_ms()),
+                self.payload_ttl_ms,
+                run_at,
+                job_id,
+            ],
         )
 
     async def record_unmatched(self, event_id: str) -> None:

@@ -185,7 +185,9 @@ async def stop_worker(worker: Any, task: asyncio.Task[None]) -> None:
     await worker.close()
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02) -> Any:
+async def eventually(
+    check: Callable[[], Awaitable[Any]], timeout: float = 10.0, interval: float = 0.02
+) -> Any:
     """Poll ``check`` until it returns something truthy (for state with no event to await)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -75,8 +75,14 @@ async def examhook(*args: str, env: dict[str, str], cwd: Path, limit: float = 30
     """Run ``examhook ARGS`` to completion in a real process (off the event loop, so the
     test's in-process servers and workers keep running meanwhile)."""
     done = await asyncio.to_thread(
-        subprocess.run, [*EXAMHOOK, *args], env=env, cwd=cwd, capture_output=True, text=True,
-        timeout=limit, check=False,
+        subprocess.run,
+        [*EXAMHOOK, *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=limit,
+        check=False,
     )
     return Run(done.returncode, done.stdout, done.stderr)
 
@@ -199,8 +205,9 @@ def event_body(sample: bytes, *, attempt_id: str | None = None, exam_id: str | N
     return json.dumps(data).encode()
 
 
-async def post(url: str, body: bytes, *, auth: str | None = AUTH,
-               content_type: str = "application/json") -> tuple[int, Any]:
+async def post(
+    url: str, body: bytes, *, auth: str | None = AUTH, content_type: str = "application/json"
+) -> tuple[int, Any]:
     headers = {"Content-Type": content_type}
     if auth is not None:
         headers["Authorization"] = auth
@@ -393,10 +400,12 @@ async def test_check_config_missing_file_and_bad_toml_in_a_real_process(
 async def test_receive_refuses_to_start_without_credentials(workdir: Path, env: dict[str, str]) -> None:
     """`receive` with no Basic credentials and no --no-auth: exit 2 and one line saying
     which variables to set (or --no-auth); it does not start serving."""
-    result = await examhook("receive", "--host", "127.0.0.1", "--port", str(free_port()), env=env,
-                            cwd=workdir, limit=15)
-    line = assert_one_error_line(result, 2, "EXAMHOOK_BASIC_AUTH_USER", "EXAMHOOK_BASIC_AUTH_PASSWORD",
-                                 "--no-auth")
+    result = await examhook(
+        "receive", "--host", "127.0.0.1", "--port", str(free_port()), env=env, cwd=workdir, limit=15
+    )
+    line = assert_one_error_line(
+        result, 2, "EXAMHOOK_BASIC_AUTH_USER", "EXAMHOOK_BASIC_AUTH_PASSWORD", "--no-auth"
+    )
     assert "credentials" in line
 
 
@@ -460,8 +469,11 @@ async def test_worker_check_reports_health_of_a_running_worker(
 
 
 async def test_queue_counts_events_waiting_for_a_worker(
-    run: Callable[..., Awaitable[Run]], make_settings: Callable[..., Settings],
-    serve: Callable[[Settings], Awaitable[str]], sample_body: bytes, destination: Destination,
+    run: Callable[..., Awaitable[Run]],
+    make_settings: Callable[..., Settings],
+    serve: Callable[[Settings], Awaitable[str]],
+    sample_body: bytes,
+    destination: Destination,
 ) -> None:
     """With no worker, three accepted events are `queued` (and one rejected body counts
     as `rejected`); nothing is in progress, scheduled or failed; --json has every count
@@ -477,7 +489,11 @@ async def test_queue_counts_events_waiting_for_a_worker(
     assert as_json.code == 0, as_json
     counts = as_json.json()
     assert {k: counts[k] for k in ("queued", "in_progress", "scheduled_retries", "failed", "rejected")} == {
-        "queued": 3, "in_progress": 0, "scheduled_retries": 0, "failed": 0, "rejected": 1,
+        "queued": 3,
+        "in_progress": 0,
+        "scheduled_retries": 0,
+        "failed": 0,
+        "rejected": 1,
     }
     assert isinstance(counts["per_integration"], dict)
     assert sum(v["queued"] for v in counts["per_integration"].values()) == 3
@@ -488,18 +504,25 @@ async def test_queue_counts_events_waiting_for_a_worker(
 
 
 async def test_queue_counts_failed_and_scheduled_retries_per_integration(
-    run: Callable[..., Awaitable[Run]], make_settings: Callable[..., Settings],
-    serve: Callable[[Settings], Awaitable[str]], start_worker: Callable[..., Awaitable[Any]],
-    sample_body: bytes, destination: Destination, redis: Redis, prefix: str,
+    run: Callable[..., Awaitable[Run]],
+    make_settings: Callable[..., Settings],
+    serve: Callable[[Settings], Awaitable[str]],
+    start_worker: Callable[..., Awaitable[Any]],
+    sample_body: bytes,
+    destination: Destination,
+    redis: Redis,
+    prefix: str,
 ) -> None:
     """After a worker ran: deliveries answered 400 count as `failed` for their
     integration, deliveries to an unreachable host waiting for their backoff count as
     `scheduled_retries` for theirs; nothing is left `queued`."""
     destination.responses = [(400, {}), (400, {})]
-    settings = make_settings([
-        http("lms", destination.url),
-        http("crm", dead_url(), backoff_base_seconds=300, backoff_max_seconds=600),
-    ])
+    settings = make_settings(
+        [
+            http("lms", destination.url),
+            http("crm", dead_url(), backoff_base_seconds=300, backoff_max_seconds=600),
+        ]
+    )
     url = await serve(settings)
     for _ in range(2):
         assert (await post(url, event_body(sample_body)))[0] == 202
@@ -552,9 +575,12 @@ async def gate() -> AsyncIterator[Gate]:
 
 
 async def test_queue_counts_a_delivery_being_sent_as_in_progress(
-    run: Callable[..., Awaitable[Run]], make_settings: Callable[..., Settings],
-    serve: Callable[[Settings], Awaitable[str]], start_worker: Callable[..., Awaitable[Any]],
-    sample_body: bytes, gate: Gate,
+    run: Callable[..., Awaitable[Run]],
+    make_settings: Callable[..., Settings],
+    serve: Callable[[Settings], Awaitable[str]],
+    start_worker: Callable[..., Awaitable[Any]],
+    sample_body: bytes,
+    gate: Gate,
 ) -> None:
     """While a worker is in the middle of sending a delivery, `queue` counts it as
     `in_progress` (not queued); once the destination answers it is gone from the counts."""
@@ -582,8 +608,10 @@ async def test_queue_counts_a_delivery_being_sent_as_in_progress(
 
 
 async def test_rejected_list_show_purge(
-    run: Callable[..., Awaitable[Run]], make_settings: Callable[..., Settings],
-    serve: Callable[[Settings], Awaitable[str]], sample_body: bytes,
+    run: Callable[..., Awaitable[Run]],
+    make_settings: Callable[..., Settings],
+    serve: Callable[[Settings], Awaitable[str]],
+    sample_body: bytes,
 ) -> None:
     """Bodies rejected with 400 and 422 are listed (id, error, path; no body), `show ID`
     gives the body exactly as posted with its error, an unknown id is exit 1, and
@@ -645,15 +673,21 @@ class Failed:
 
 @pytest.fixture
 async def failed(
-    make_settings: Callable[..., Settings], serve: Callable[[Settings], Awaitable[str]],
-    start_worker: Callable[..., Awaitable[Any]], sample_body: bytes, destination: Destination,
-    redis: Redis, prefix: str,
+    make_settings: Callable[..., Settings],
+    serve: Callable[[Settings], Awaitable[str]],
+    start_worker: Callable[..., Awaitable[Any]],
+    sample_body: bytes,
+    destination: Destination,
+    redis: Redis,
+    prefix: str,
 ) -> Failed:
     destination.responses = [(400, {}), (400, {})]  # then 200 for everything
-    settings = make_settings([
-        http("lms", destination.url, max_attempts=3),
-        http("crm", dead_url(), max_attempts=1),
-    ])
+    settings = make_settings(
+        [
+            http("lms", destination.url, max_attempts=3),
+            http("crm", dead_url(), max_attempts=1),
+        ]
+    )
     url = await serve(settings)
     a_body = event_body(sample_body, attempt_id="att_aaaaaaaaaaaaaaaaaaaa", exam_id="exm_x")
     b_body = event_body(sample_body, attempt_id="att_bbbbbbbbbbbbbbbbbbbb", exam_id="exm_y")
@@ -671,8 +705,15 @@ async def failed(
 
 
 ISO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
-FAILURE_FIELDS = {"event_id", "integration", "attempts", "last_error", "first_attempt_at", "last_attempt_at",
-                  "attempt_id"}
+FAILURE_FIELDS = {
+    "event_id",
+    "integration",
+    "attempts",
+    "last_error",
+    "first_attempt_at",
+    "last_attempt_at",
+    "attempt_id",
+}
 
 
 async def test_failures_list_json_has_one_row_per_failed_delivery(
@@ -685,7 +726,10 @@ async def test_failures_list_json_has_one_row_per_failed_delivery(
     assert as_json.code == 0, as_json
     rows = as_json.json()
     assert {(r["event_id"], r["integration"]) for r in rows} == {
-        (failed.a, "lms"), (failed.a, "crm"), (failed.b, "lms"), (failed.b, "crm"),
+        (failed.a, "lms"),
+        (failed.a, "crm"),
+        (failed.b, "lms"),
+        (failed.b, "crm"),
     }
     for row in rows:
         assert set(row) >= FAILURE_FIELDS, row
@@ -762,7 +806,11 @@ async def test_failures_show_gives_payload_and_attempt_log(
 
 
 async def test_failures_retry_one_then_all_delivers_once_the_destination_answers(
-    run: Callable[..., Awaitable[Run]], failed: Failed, destination: Destination, redis: Redis, prefix: str,
+    run: Callable[..., Awaitable[Run]],
+    failed: Failed,
+    destination: Destination,
+    redis: Redis,
+    prefix: str,
 ) -> None:
     """`failures retry EVENT_ID --integration lms` queues exactly that delivery again
     (prints 1) and the running worker delivers it now that the destination answers 200;
@@ -782,7 +830,9 @@ async def test_failures_retry_one_then_all_delivers_once_the_destination_answers
     await eventually(lambda: delivered(failed.a))
     listed = (await run("failures", "list", "--json")).json()
     assert {(r["event_id"], r["integration"]) for r in listed} == {
-        (failed.a, "crm"), (failed.b, "lms"), (failed.b, "crm"),
+        (failed.a, "crm"),
+        (failed.b, "lms"),
+        (failed.b, "crm"),
     }
 
     rest = await run("failures", "retry", "--all", "--json")
@@ -918,14 +968,16 @@ async def test_dev_end_to_end_on_embedded_valkey(tmp_path: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
 
-    with background([SCRIPT, "dev", "--port", str(port)], env=env, cwd=project, log_dir=tmp_path,
-                    name="dev") as proc:
+    with background(
+        [SCRIPT, "dev", "--port", str(port)], env=env, cwd=project, log_dir=tmp_path, name="dev"
+    ) as proc:
         await wait_healthy(base, proc, limit=30)
         state = await dev_state(data_dir, proc)
         assert processes_in(data_dir / "valkey") == [state["valkey_pid"]]
 
-        sent = await examhook("send-sample", "--url", base + WEBHOOK, "--count", "100", env=env,
-                              cwd=elsewhere, limit=60)
+        sent = await examhook(
+            "send-sample", "--url", base + WEBHOOK, "--count", "100", env=env, cwd=elsewhere, limit=60
+        )
         assert sent.code == 0, sent
         assert "202: 100" in sent.out
 
@@ -968,7 +1020,9 @@ async def test_dev_restart_loses_nothing_queued(tmp_path: Path) -> None:
     project.mkdir()
     data_dir = project / ".examhook"
     dest_port = free_port()
-    config = write(project / "examhook.toml", f"""\
+    config = write(
+        project / "examhook.toml",
+        f"""\
 [[integrations]]
 name = "lms"
 type = "http"
@@ -977,7 +1031,8 @@ timeout_seconds = 5
 max_attempts = 100
 backoff_base_seconds = 0.2
 backoff_max_seconds = 0.5
-""")
+""",
+    )
     env = clean_env(EXAMHOOK_BASIC_AUTH_USER="synap", EXAMHOOK_BASIC_AUTH_PASSWORD="s3cret")
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -25,7 +25,10 @@ from shared.settings import Settings
 from shared.store import Store
 from tests.conftest import Destination, eventually
 
-AUTH = {"Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(), "Content-Type": "application/json"}
+AUTH = {
+    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
+    "Content-Type": "application/json",
+}
 FAST = {"backoff_base_seconds": 0.05, "backoff_max_seconds": 0.1}
 
 
@@ -51,9 +54,11 @@ def inspector(settings: Settings, redis: Redis) -> Inspector:
     return Inspector(Store(redis, Keys(settings.redis.prefix), settings.retention))
 
 
-async def test_delivers_body_unchanged_with_headers(aiohttp_client: Any, make_settings: Any, start_worker: Any,
-                                                    destination: Destination, sample_body: bytes) -> None:
-    """The destination receives the body byte for byte, as JSON, with Idempotency-Key and webhook-id = event id;
+async def test_delivers_body_unchanged_with_headers(
+    aiohttp_client: Any, make_settings: Any, start_worker: Any, destination: Destination, sample_body: bytes
+) -> None:
+    """The destination receives the body byte for byte, as JSON, with Idempotency-Key and
+    webhook-id = event id;
     no signature headers without a signing secret."""
     settings = make_settings([http(destination, headers={"Authorization": "Bearer lms-token"})])
     client = await aiohttp_client(create_app(settings))
@@ -68,10 +73,11 @@ async def test_delivers_body_unchanged_with_headers(aiohttp_client: Any, make_se
     assert "webhook-signature" not in request.headers
 
 
-async def test_signature_verifies_with_standard_webhooks(aiohttp_client: Any, make_settings: Any,
-                                                         start_worker: Any, destination: Destination,
-                                                         sample_body: bytes) -> None:
-    """With a signing secret, webhook-timestamp and webhook-signature verify with the standardwebhooks library."""
+async def test_signature_verifies_with_standard_webhooks(
+    aiohttp_client: Any, make_settings: Any, start_worker: Any, destination: Destination, sample_body: bytes
+) -> None:
+    """With a signing secret, webhook-timestamp and webhook-signature verify with the
+    standardwebhooks library."""
     from standardwebhooks.webhooks import Webhook
 
     secret = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
@@ -84,14 +90,20 @@ async def test_signature_verifies_with_standard_webhooks(aiohttp_client: Any, ma
     verified = Webhook(secret).verify(request.body, request.headers)
     assert verified["attempt"]["id"] == json.loads(sample_body)["attempt"]["id"]
     tampered = request.body.replace(b"Ada", b"Eve")
-    with pytest.raises(Exception, match="[Ss]ignature"):
+    with pytest.raises(Exception, match=r"[Ss]ignature"):
         Webhook(secret).verify(tampered, request.headers)
 
 
 @pytest.mark.parametrize("status", [503, 500, 408, 425, 429])
-async def test_retryable_status_then_success(aiohttp_client: Any, make_settings: Any, start_worker: Any,
-                                             destination: Destination, sample_body: bytes, redis: Redis,
-                                             status: int) -> None:
+async def test_retryable_status_then_success(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+    status: int,
+) -> None:
     """5xx, 408, 425 and 429 are retried with backoff; a later 2xx delivers, with the same Idempotency-Key."""
     destination.responses = [(status, {}), (status, {})]
     settings = make_settings([http(destination)])
@@ -109,8 +121,9 @@ async def test_retryable_status_then_success(aiohttp_client: Any, make_settings:
     assert await redis.zcard(keys.failures) == 0
 
 
-async def test_retry_after_is_honoured(aiohttp_client: Any, make_settings: Any, start_worker: Any,
-                                       destination: Destination, sample_body: bytes) -> None:
+async def test_retry_after_is_honoured(
+    aiohttp_client: Any, make_settings: Any, start_worker: Any, destination: Destination, sample_body: bytes
+) -> None:
     """A 503 with Retry-After: 1 delays the next attempt by at least a second, though backoff is 50 ms."""
     destination.responses = [(503, {"Retry-After": "1"})]
     settings = make_settings([http(destination)])
@@ -122,9 +135,15 @@ async def test_retry_after_is_honoured(aiohttp_client: Any, make_settings: Any, 
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 410, 422])
-async def test_other_4xx_fails_at_once(aiohttp_client: Any, make_settings: Any, start_worker: Any,
-                                       destination: Destination, sample_body: bytes, redis: Redis,
-                                       status: int) -> None:
+async def test_other_4xx_fails_at_once(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+    status: int,
+) -> None:
     """Any other 4xx is a permanent failure after one attempt, kept with the payload for inspection."""
     destination.responses = [(status, {})]
     settings = make_settings([http(destination)])
@@ -146,8 +165,14 @@ async def test_other_4xx_fails_at_once(aiohttp_client: Any, make_settings: Any, 
     assert len(destination.requests) == 1
 
 
-async def test_attempts_exhausted_is_a_failure(aiohttp_client: Any, make_settings: Any, start_worker: Any,
-                                               destination: Destination, sample_body: bytes, redis: Redis) -> None:
+async def test_attempts_exhausted_is_a_failure(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+) -> None:
     """After max_attempts retryable failures the pair is a failure with every attempt recorded."""
     destination.responses = [(500, {})] * 10
     settings = make_settings([http(destination, max_attempts=3)])
@@ -163,16 +188,25 @@ async def test_attempts_exhausted_is_a_failure(aiohttp_client: Any, make_setting
     assert len(destination.requests) == 3
 
 
-async def test_network_error_and_timeout_are_retried(aiohttp_client: Any, make_settings: Any, start_worker: Any,
-                                                     destination: Destination, sample_body: bytes,
-                                                     unused_tcp_port_factory: Any, redis: Redis) -> None:
-    """Nothing listening, and a destination slower than timeout_seconds, are both retried until attempts run out."""
+async def test_network_error_and_timeout_are_retried(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    unused_tcp_port_factory: Any,
+    redis: Redis,
+) -> None:
+    """Nothing listening, and a destination slower than timeout_seconds, are both retried
+    until attempts run out."""
     dead = f"http://127.0.0.1:{unused_tcp_port_factory()}/hook"
     destination.hang = 1.0
-    settings = make_settings([
-        {"name": "dead", "type": "http", "url": dead, "max_attempts": 2, **FAST},
-        http(destination, name="slow", timeout_seconds=0.2, max_attempts=2),
-    ])
+    settings = make_settings(
+        [
+            {"name": "dead", "type": "http", "url": dead, "max_attempts": 2, **FAST},
+            http(destination, name="slow", timeout_seconds=0.2, max_attempts=2),
+        ]
+    )
     client = await aiohttp_client(create_app(settings))
     await post(client, sample_body)
     await start_worker(settings)
@@ -188,8 +222,14 @@ async def _failures_if(ins: Inspector, count: int) -> Any:
     return rows if len(rows) >= count else None
 
 
-async def test_failures_retry_redelivers(aiohttp_client: Any, make_settings: Any, start_worker: Any,
-                                         destination: Destination, sample_body: bytes, redis: Redis) -> None:
+async def test_failures_retry_redelivers(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+) -> None:
     """A failed pair queued again by `failures retry` is delivered once the destination accepts;
     retrying it again afterwards sends nothing (it is delivered)."""
     destination.responses = [(400, {})]
@@ -212,9 +252,14 @@ async def test_failures_retry_redelivers(aiohttp_client: Any, make_settings: Any
     assert len(destination.requests) == 2
 
 
-async def test_delivered_pair_never_sent_again_by_a_duplicate_job(aiohttp_client: Any, make_settings: Any,
-                                                                  start_worker: Any, destination: Destination,
-                                                                  sample_body: bytes, redis: Redis) -> None:
+async def test_delivered_pair_never_sent_again_by_a_duplicate_job(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+) -> None:
     """If the event's job is queued again after success (a redelivery of the job), nothing is sent."""
     settings = make_settings([http(destination)])
     client = await aiohttp_client(create_app(settings))
@@ -234,8 +279,9 @@ async def _queue_empty(redis: Redis, keys: Keys) -> bool:
     return await redis.zcard(keys.queue) == 0
 
 
-async def test_two_workers_deliver_each_event_once(aiohttp_client: Any, make_settings: Any, start_worker: Any,
-                                                   destination: Destination, sample_body: bytes) -> None:
+async def test_two_workers_deliver_each_event_once(
+    aiohttp_client: Any, make_settings: Any, start_worker: Any, destination: Destination, sample_body: bytes
+) -> None:
     """Two workers draining one queue deliver every event exactly once."""
     settings = make_settings([http(destination)])
     client = await aiohttp_client(create_app(settings))
@@ -249,14 +295,21 @@ async def test_two_workers_deliver_each_event_once(aiohttp_client: Any, make_set
     assert len(destination.requests) == 200
 
 
-async def test_one_failing_integration_does_not_affect_another(aiohttp_client: Any, make_settings: Any,
-                                                               start_worker: Any, destination: Destination,
-                                                               sample_body: bytes, tmp_path: Path,
-                                                               redis: Redis) -> None:
+async def test_one_failing_integration_does_not_affect_another(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    tmp_path: Path,
+    redis: Redis,
+) -> None:
     """An integration that keeps failing neither delays nor repeats delivery to another."""
     destination.responses = [(500, {})] * 3
     sink = tmp_path / "out.jsonl"
-    settings = make_settings([http(destination, max_attempts=3), {"name": "archive", "type": "file", "path": str(sink)}])
+    settings = make_settings(
+        [http(destination, max_attempts=3), {"name": "archive", "type": "file", "path": str(sink)}]
+    )
     client = await aiohttp_client(create_app(settings))
     event_id = await post(client, sample_body)
     await start_worker(settings)
@@ -267,15 +320,23 @@ async def test_one_failing_integration_does_not_affect_another(aiohttp_client: A
     assert json.loads(lines[0])["event_id"] == event_id
 
 
-async def test_file_integration_one_line_per_event(aiohttp_client: Any, make_settings: Any, start_worker: Any,
-                                                   sample_body: bytes, tmp_path: Path, redis: Redis) -> None:
+async def test_file_integration_one_line_per_event(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    sample_body: bytes,
+    tmp_path: Path,
+    redis: Redis,
+) -> None:
     """The file integration appends one JSON line per event (payload included), duplicates posted or not."""
     sink = tmp_path / "deliveries.jsonl"
     settings = make_settings([{"name": "local-file", "type": "file", "path": str(sink)}])
     client = await aiohttp_client(create_app(settings))
     ids = [await post(client, variant(sample_body, f"att_{i}")) for i in range(20)]
     for _ in range(3):
-        assert (await client.post(WEBHOOK_PATH, data=variant(sample_body, "att_0"), headers=AUTH)).status == 200
+        assert (
+            await client.post(WEBHOOK_PATH, data=variant(sample_body, "att_0"), headers=AUTH)
+        ).status == 200
     await start_worker(settings)
     keys = Keys(settings.redis.prefix)
     await eventually(lambda: _queue_empty(redis, keys))
@@ -290,9 +351,9 @@ async def test_file_integration_does_not_repeat_after_interrupted_attempt(
     """When an attempt was interrupted after writing (the crash window), the next attempt finds the line
     and does not write it twice."""
     from shared.payload import decoder
+    from shared.settings import FileIntegration
     from worker.integrations.base import Delivery
     from worker.integrations.file import FileDelivery
-    from shared.settings import FileIntegration
 
     sink = tmp_path / "d.jsonl"
     integration = FileDelivery(FileIntegration(name="f", path=str(sink)))
@@ -304,9 +365,14 @@ async def test_file_integration_does_not_repeat_after_interrupted_attempt(
     assert len(sink.read_bytes().splitlines()) == 1
 
 
-async def test_newer_release_supersedes_a_waiting_older_one(aiohttp_client: Any, make_settings: Any,
-                                                            start_worker: Any, destination: Destination,
-                                                            sample_body: bytes, redis: Redis) -> None:
+async def test_newer_release_supersedes_a_waiting_older_one(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+) -> None:
     """A re-release received while the older release still waits in the queue: only the newer is delivered."""
     settings = make_settings([http(destination)])
     client = await aiohttp_client(create_app(settings))
@@ -321,9 +387,14 @@ async def test_newer_release_supersedes_a_waiting_older_one(aiohttp_client: Any,
     assert (await redis.hget(keys.pair(old, "lms"), "status")) == b"superseded"
 
 
-async def test_older_release_retrying_is_dropped_when_newer_arrives(aiohttp_client: Any, make_settings: Any,
-                                                                    start_worker: Any, destination: Destination,
-                                                                    sample_body: bytes, redis: Redis) -> None:
+async def test_older_release_retrying_is_dropped_when_newer_arrives(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+) -> None:
     """An older release waiting for a retry is not delivered after a newer release arrives."""
     destination.responses = [(503, {"Retry-After": "1"})]
     settings = make_settings([http(destination)])
@@ -340,9 +411,14 @@ async def test_older_release_retrying_is_dropped_when_newer_arrives(aiohttp_clie
     assert [r.headers["Idempotency-Key"] for r in destination.requests] == [old, new]
 
 
-async def test_event_matching_no_integration_is_recorded(aiohttp_client: Any, make_settings: Any,
-                                                         start_worker: Any, destination: Destination,
-                                                         sample_body: bytes, redis: Redis) -> None:
+async def test_event_matching_no_integration_is_recorded(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+) -> None:
     """An event that matches no integration's filter is recorded as unmatched, not silently dropped."""
     settings = make_settings([http(destination, when={"exam_ids": ["some-other-exam"]})])
     client = await aiohttp_client(create_app(settings))
@@ -354,9 +430,15 @@ async def test_event_matching_no_integration_is_recorded(aiohttp_client: Any, ma
 
 
 @pytest.mark.slow
-async def test_worker_sigkilled_mid_delivery_still_delivers(make_settings: Any, aiohttp_client: Any,
-                                                            destination: Destination, sample_body: bytes,
-                                                            tmp_path: Path, prefix: str, redis_url: str) -> None:
+async def test_worker_sigkilled_mid_delivery_still_delivers(
+    make_settings: Any,
+    aiohttp_client: Any,
+    destination: Destination,
+    sample_body: bytes,
+    tmp_path: Path,
+    prefix: str,
+    redis_url: str,
+) -> None:
     """A worker process killed (SIGKILL) while sending: another worker delivers the event once arq's
     in-progress lease expires, with the same Idempotency-Key."""
     destination.hang = 3  # the first attempt outlives the worker

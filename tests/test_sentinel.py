@@ -17,7 +17,10 @@ from shared.redis_conn import arq_redis_settings, parse_sentinel_url
 from shared.settings import ConfigError, settings_from_dict
 from tests.conftest import Destination
 
-AUTH = {"Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(), "Content-Type": "application/json"}
+AUTH = {
+    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
+    "Content-Type": "application/json",
+}
 
 
 def test_sentinel_url_parsing() -> None:
@@ -27,10 +30,15 @@ def test_sentinel_url_parsing() -> None:
     assert target is not None
     assert target.sentinels == [("10.0.0.1", 26379), ("::1", 26380)]
     assert (target.service, target.db, target.username, target.password, target.ssl) == (
-        "results", 2, "app", "p@ss", False)
+        "results",
+        2,
+        "app",
+        "p@ss",
+        False,
+    )
     assert parse_sentinel_url("redis://localhost:6379/0") is None
     for bad in ("redis+sentinel://host/svc", "redis+sentinel://host:26379/", "redis+sentinel://h:1/s/x"):
-        with pytest.raises(ConfigError, match="redis.url"):
+        with pytest.raises(ConfigError, match=r"redis\.url"):
             settings_from_dict({"redis": {"url": bad}})
     arq = arq_redis_settings(settings_from_dict({"redis": {"url": "rediss+sentinel://h:26379/svc/1"}}))
     assert arq.sentinel and arq.sentinel_master == "svc" and arq.database == 1 and arq.ssl
@@ -51,8 +59,11 @@ def sentinel(tmp_path: Path, unused_tcp_port_factory: Any) -> Iterator[str]:
         f"sentinel monitor results 127.0.0.1 {master.port} 1\n"
         "sentinel down-after-milliseconds results 1000\n"
     )
-    process = subprocess.Popen([str(get_binary_path()), str(conf), "--sentinel"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [str(get_binary_path()), str(conf), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         yield f"redis+sentinel://127.0.0.1:{port}/results/0"
     finally:
@@ -62,17 +73,25 @@ def sentinel(tmp_path: Path, unused_tcp_port_factory: Any) -> Iterator[str]:
 
 
 @pytest.mark.slow
-async def test_receiver_and_worker_through_sentinel(sentinel: str, make_settings: Any, aiohttp_client: Any,
-                                                    start_worker: Any, destination: Destination,
-                                                    sample_body: bytes, prefix: str) -> None:
-    """With redis.url naming a sentinel, the receiver queues and the worker delivers via the master it reports."""
+async def test_receiver_and_worker_through_sentinel(
+    sentinel: str,
+    make_settings: Any,
+    aiohttp_client: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    prefix: str,
+) -> None:
+    """With redis.url naming a sentinel, the receiver queues and the worker delivers via the
+    master it reports."""
     from tests.conftest import eventually
 
     probe = Redis(port=int(sentinel.split(":")[2].split("/")[0]))
     await eventually(lambda: _master_known(probe), timeout=10)
     await probe.aclose()
-    settings = make_settings([{"name": "lms", "type": "http", "url": destination.url}],
-                             redis={"url": sentinel, "prefix": prefix})
+    settings = make_settings(
+        [{"name": "lms", "type": "http", "url": destination.url}], redis={"url": sentinel, "prefix": prefix}
+    )
     client = await aiohttp_client(create_app(settings))
     response = await client.post(WEBHOOK_PATH, data=sample_body, headers=AUTH)
     assert response.status == 202

@@ -21,11 +21,15 @@ from tests.conftest import Destination, eventually
 
 pytestmark = pytest.mark.slow
 
-AUTH = {"Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(), "Content-Type": "application/json"}
+AUTH = {
+    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
+    "Content-Type": "application/json",
+}
 
 
-def write_config(path: Path, redis_url: str, prefix: str, destination: Destination | None = None,
-                 grace: int = 25) -> Path:
+def write_config(
+    path: Path, redis_url: str, prefix: str, destination: Destination | None = None, grace: int = 25
+) -> Path:
     text = (
         f'[redis]\nurl = "{redis_url}"\nprefix = "{prefix}"\n'
         '[receiver]\nbasic_auth_user = "synap"\nbasic_auth_password = "s3cret"\n'
@@ -57,9 +61,14 @@ def variant(body: bytes, i: int) -> bytes:
     return json.dumps(data).encode()
 
 
-async def test_receiver_sigterm_never_accepts_and_loses(tmp_path: Path, redis_url: str, prefix: str,
-                                                         redis: Redis, sample_body: bytes,
-                                                         unused_tcp_port_factory: Any) -> None:
+async def test_receiver_sigterm_never_accepts_and_loses(
+    tmp_path: Path,
+    redis_url: str,
+    prefix: str,
+    redis: Redis,
+    sample_body: bytes,
+    unused_tcp_port_factory: Any,
+) -> None:
     """SIGTERM during a burst: the receiver exits cleanly, and every request answered 202 has its
     event in Redis; the others ended in an error the sender would retry (never accepted-but-lost)."""
     port = unused_tcp_port_factory()
@@ -79,8 +88,9 @@ async def test_receiver_sigterm_never_accepts_and_loses(tmp_path: Path, redis_ur
 
             async def post(i: int) -> tuple[int, str | None]:
                 try:
-                    async with session.post(url + "/webhooks/exam-results-released",
-                                            data=variant(sample_body, i), headers=AUTH) as r:
+                    async with session.post(
+                        url + "/webhooks/exam-results-released", data=variant(sample_body, i), headers=AUTH
+                    ) as r:
                         answer = await r.json() if r.status < 300 else {}
                         return r.status, answer.get("event_id")
                 except aiohttp.ClientError:
@@ -108,9 +118,16 @@ async def _queued_some(redis: Redis, prefix: str) -> bool:
     return bool(await redis.zcard(Keys(prefix).queue))
 
 
-async def test_worker_sigterm_finishes_running_delivery(tmp_path: Path, redis_url: str, prefix: str, redis: Redis,
-                                                        destination: Destination, sample_body: bytes,
-                                                        aiohttp_client: Any, make_settings: Any) -> None:
+async def test_worker_sigterm_finishes_running_delivery(
+    tmp_path: Path,
+    redis_url: str,
+    prefix: str,
+    redis: Redis,
+    destination: Destination,
+    sample_body: bytes,
+    aiohttp_client: Any,
+    make_settings: Any,
+) -> None:
     """SIGTERM while a delivery is in flight: the worker lets it finish (within the grace period),
     records it delivered after one attempt, and exits 0."""
     from ingest.app import create_app
@@ -118,8 +135,9 @@ async def test_worker_sigterm_finishes_running_delivery(tmp_path: Path, redis_ur
     destination.hang = 1.0
     config = write_config(tmp_path / "c.toml", redis_url, prefix, destination, grace=20)
     client = await aiohttp_client(create_app(make_settings()))
-    event_id = (await (await client.post("/webhooks/exam-results-released", data=sample_body,
-                                         headers=AUTH)).json())["event_id"]
+    event_id = (
+        await (await client.post("/webhooks/exam-results-released", data=sample_body, headers=AUTH)).json()
+    )["event_id"]
     worker = spawn(config, "worker")
     try:
         await destination.wait_for_requests(1, timeout=20)
@@ -134,10 +152,16 @@ async def test_worker_sigterm_finishes_running_delivery(tmp_path: Path, redis_ur
     assert len(destination.requests) == 1
 
 
-async def test_worker_sigterm_requeues_without_spending_an_attempt(tmp_path: Path, redis_url: str, prefix: str,
-                                                                    redis: Redis, destination: Destination,
-                                                                    sample_body: bytes, aiohttp_client: Any,
-                                                                    make_settings: Any) -> None:
+async def test_worker_sigterm_requeues_without_spending_an_attempt(
+    tmp_path: Path,
+    redis_url: str,
+    prefix: str,
+    redis: Redis,
+    destination: Destination,
+    sample_body: bytes,
+    aiohttp_client: Any,
+    make_settings: Any,
+) -> None:
     """A delivery still running when the grace period ends is cancelled and requeued; no attempt is
     counted, and the next worker delivers it (same Idempotency-Key)."""
     from ingest.app import create_app
@@ -145,8 +169,9 @@ async def test_worker_sigterm_requeues_without_spending_an_attempt(tmp_path: Pat
     destination.hang = 30.0
     config = write_config(tmp_path / "c.toml", redis_url, prefix, destination, grace=1)
     client = await aiohttp_client(create_app(make_settings()))
-    event_id = (await (await client.post("/webhooks/exam-results-released", data=sample_body,
-                                         headers=AUTH)).json())["event_id"]
+    event_id = (
+        await (await client.post("/webhooks/exam-results-released", data=sample_body, headers=AUTH)).json()
+    )["event_id"]
     worker = spawn(config, "worker")
     try:
         await destination.wait_for_requests(1, timeout=20)

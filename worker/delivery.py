@@ -16,8 +16,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import msgspec
-
 from shared.contract import DELIVER, Keys, encode_job, pair_member, released_ms
 from shared.payload import ExamResultsReleased, decoder
 from shared.settings import Settings, When
@@ -55,7 +53,9 @@ class Deliverer:
         self.lock_ttl_ms = int(settings.job_timeout_seconds * 1000)
         self._filters = [i.config.when != When() for i in integrations.values()]
 
-    async def handle_event(self, event_id: str, attempt_id: str | None = None, released: int | None = None) -> str:
+    async def handle_event(
+        self, event_id: str, attempt_id: str | None = None, released: int | None = None
+    ) -> str:
         """The ``handle_event`` job: first attempt for every integration whose filter matches.
 
         When no integration filters and the job carries the attempt id and release time,
@@ -66,8 +66,14 @@ class Deliverer:
         if attempt_id is not None and released is not None and not any(self._filters):
             targets = everyone
             body, claims = await self.store.claim(
-                event_id, [i.name for i in targets], token=token, lock_ttl_ms=self.lock_ttl_ms,
-                mode="first", with_body=True, attempt_id=attempt_id, released_ms=released,
+                event_id,
+                [i.name for i in targets],
+                token=token,
+                lock_ttl_ms=self.lock_ttl_ms,
+                mode="first",
+                with_body=True,
+                attempt_id=attempt_id,
+                released_ms=released,
             )
             if body is None:
                 return self._expired(event_id)
@@ -81,8 +87,14 @@ class Deliverer:
             claims = []
             if targets:
                 _, claims = await self.store.claim(
-                    event_id, [i.name for i in targets], token=token, lock_ttl_ms=self.lock_ttl_ms,
-                    mode="first", with_body=False, attempt_id=event.attempt.id, released_ms=released_ms(event),
+                    event_id,
+                    [i.name for i in targets],
+                    token=token,
+                    lock_ttl_ms=self.lock_ttl_ms,
+                    mode="first",
+                    with_body=False,
+                    attempt_id=event.attempt.id,
+                    released_ms=released_ms(event),
                 )
         if not targets:
             await self.store.record_unmatched(event_id)
@@ -90,8 +102,10 @@ class Deliverer:
             log.info("matched no integration", extra={"event_id": event_id})
             return "unmatched"
         outcomes = await asyncio.gather(
-            *(self.attempt(event_id, i, c, token=token, mode="first", body=body, event=event)
-              for i, c in zip(targets, claims, strict=True))
+            *(
+                self.attempt(event_id, i, c, token=token, mode="first", body=body, event=event)
+                for i, c in zip(targets, claims, strict=True)
+            )
         )
         return ",".join(f"{i.name}={o.state}" for i, o in zip(targets, outcomes, strict=True))
 
@@ -122,7 +136,9 @@ class Deliverer:
             event_id, [name], token=token, lock_ttl_ms=self.lock_ttl_ms, mode="retry", with_body=True
         )
         event = decoder.decode(body) if body is not None else None
-        return await self.attempt(event_id, integration, claim, token=token, mode="retry", body=body, event=event)
+        return await self.attempt(
+            event_id, integration, claim, token=token, mode="retry", body=body, event=event
+        )
 
     async def attempt(
         self,
@@ -170,7 +186,9 @@ class Deliverer:
             except TimeoutError:
                 outcome, error = "retry", f"timed out after {config.timeout_seconds:g}s"
             except Exception as exc:  # a bug or an unforeseen error: retry, and say so loudly
-                log.exception("integration raised unexpectedly", extra={"event_id": event_id, "integration": name})
+                log.exception(
+                    "integration raised unexpectedly", extra={"event_id": event_id, "integration": name}
+                )
                 outcome, error = "retry", f"{exc.__class__.__name__}: {exc}"
         except asyncio.CancelledError:
             # shutting down: no outcome, no attempt spent; the job runs again later

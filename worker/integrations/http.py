@@ -59,7 +59,11 @@ class HttpDelivery(Integration[HttpIntegration]):
             )
         try:
             async with self.session.post(
-                self.config.url, data=delivery.body, headers=headers, timeout=self.timeout, allow_redirects=False
+                self.config.url,
+                data=delivery.body,
+                headers=headers,
+                timeout=self.timeout,
+                allow_redirects=False,
             ) as response:
                 status = response.status
                 excerpt = (await response.content.read(MAX_ERROR_BODY)).decode("utf-8", "replace")
