@@ -36,13 +36,6 @@ async def test_chaos_nothing_acknowledged_is_lost(tmp_path_factory: pytest.TempP
     assert report.problems == [], report.summary()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a job whose Redis calls outlast job_timeout_seconds (a Redis outage longer than the job "
-    "timeout, while a send is in flight) is timed out by arq, which treats the TimeoutError as a "
-    "final failure and deletes the job (Worker.finish_failed_job); the pair stays 'sending' "
-    "(inflight=1), or unclaimed, with no job, no failure record and no delivered marker: an "
-    "acknowledged event is never delivered. worker/jobs.py + worker/delivery.py Deliverer.attempt; "
-    "see the report."))
 async def test_chaos_redis_outage_longer_than_job_timeout_loses_nothing(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """Redis SIGKILLed while a send is in flight and kept down longer than job_timeout_seconds

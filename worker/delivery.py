@@ -12,6 +12,7 @@ The steps are the same for every integration type:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -191,8 +192,10 @@ class Deliverer:
                 )
                 outcome, error = "retry", f"{exc.__class__.__name__}: {exc}"
         except asyncio.CancelledError:
-            # shutting down: no outcome, no attempt spent; the job runs again later
-            await asyncio.shield(self.store.release(event_id, name, token))
+            # shutting down or out of time: no outcome, no attempt spent; the job runs again.
+            # Freeing the lock is a courtesy (it expires anyway): never wait long for Redis here.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.store.release(event_id, name, token)), 1.0)
             raise
         duration = time.perf_counter() - started
 

@@ -1,24 +1,60 @@
-"""The arq job functions. Thin: the work is in :class:`worker.delivery.Deliverer`."""
+"""The arq job functions. Thin: the work is in :class:`worker.delivery.Deliverer`.
+
+arq deletes a job that raises anything but ``Retry`` (a timeout included), which would
+silently drop an accepted event. So every job runs under a deadline shorter than arq's
+job timeout, and a timeout, a Redis outage or an unexpected error becomes ``Retry``: the
+job stays queued and runs again; the pair's records make the next run safe.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from arq import Retry
 
+from shared.settings import Settings
 from worker.delivery import Deliverer
+
+log = logging.getLogger("examhook.worker")
+
+T = TypeVar("T")
+
+# How soon a job interrupted by an outage or an error runs again.
+RERUN_SECONDS = 2.0
+
+
+def job_deadline(settings: Settings) -> float:
+    """Seconds a job may run before examhook itself gives up on this run (before arq does)."""
+    timeout = settings.job_timeout_seconds
+    return timeout - 3.0 if timeout >= 15 else timeout * 0.8
+
+
+async def _guarded(ctx: dict[str, Any], job: str, work: Awaitable[T]) -> T:
+    try:
+        async with asyncio.timeout(job_deadline(ctx["settings"])):
+            return await work
+    except Retry:
+        raise
+    except TimeoutError:
+        log.warning("job ran out of time; it will run again", extra={"job": job})
+    except Exception as exc:  # Redis away, or a bug: keep the job rather than lose the event
+        log.warning("job interrupted (%s); it will run again", exc.__class__.__name__, extra={"job": job})
+    raise Retry(defer=RERUN_SECONDS)
 
 
 async def handle_event(
     ctx: dict[str, Any], event_id: str, attempt_id: str | None = None, released_ms: int | None = None
 ) -> str:
     deliverer: Deliverer = ctx["deliverer"]
-    return await deliverer.handle_event(event_id, attempt_id, released_ms)
+    return await _guarded(ctx, "handle_event", deliverer.handle_event(event_id, attempt_id, released_ms))
 
 
 async def deliver(ctx: dict[str, Any], event_id: str, integration: str) -> str:
     deliverer: Deliverer = ctx["deliverer"]
-    outcome = await deliverer.deliver(event_id, integration)
+    outcome = await _guarded(ctx, "deliver", deliverer.deliver(event_id, integration))
     if outcome.state == "retry" and outcome.retry_in is not None:
         # arq puts the same job back in the queue, due after the backoff
         raise Retry(defer=outcome.retry_in)
