@@ -190,7 +190,7 @@ def check_config(as_json: bool, config_path: str | None) -> None:
     problems = _template_problems(settings)
     if problems:
         for problem in problems:
-            click.echo(f"examhook: template error: {problem}", err=True)
+            click.echo(f"examhook: configuration error: {problem}", err=True)
         sys.exit(2)
     data = masked(settings)
     if as_json:
@@ -206,9 +206,10 @@ def _template_problems(settings: Any) -> list[str]:
     problems: list[str] = []
     for integration in settings.integrations:
         if isinstance(integration, EmailIntegration):
-            from worker.integrations.email import check_templates
+            from worker.integrations.email import check_addresses, check_templates
 
-            problems += [f"integrations.{integration.name}: {p}" for p in check_templates(integration)]
+            found = check_addresses(integration) + check_templates(integration)
+            problems += [f"integrations.{integration.name}: {p}" for p in found]
     return problems
 
 

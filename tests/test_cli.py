@@ -1084,3 +1084,20 @@ backoff_max_seconds = 0.5
             await stop_dev(proc, data_dir, state["valkey_pid"])
     finally:
         await runner.cleanup()
+
+
+def test_check_config_rejects_a_bad_email_sender(tmp_path: Path) -> None:
+    """check-config validates an email integration's addresses (and templates) without connecting:
+    a `from` that is not an address is exit 2 with one line naming the integration and key."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    config = tmp_path / "examhook.toml"
+    config.write_text(
+        '[[integrations]]\nname = "mail"\ntype = "email"\nsmtp_host = "localhost"\nfrom = "nope"\n'
+    )
+    result = CliRunner().invoke(cli, ["check-config", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "integrations.mail: from:" in result.output
+    assert "Traceback" not in result.output

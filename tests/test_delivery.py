@@ -474,3 +474,26 @@ async def test_worker_sigkilled_mid_delivery_still_delivers(
     finally:
         if first.poll() is None:
             first.kill()
+
+
+async def test_worker_serves_its_own_metrics(aiohttp_client: Any, make_settings: Any, start_worker: Any,
+                                             destination: Destination, sample_body: bytes,
+                                             unused_tcp_port_factory: Any) -> None:
+    """With worker.metrics_port set, a worker serves Prometheus metrics of its deliveries on that port."""
+    import aiohttp
+
+    port = unused_tcp_port_factory()
+    settings = make_settings([http(destination)], worker={"metrics_port": port, "health_check_interval_seconds": 1})
+    client = await aiohttp_client(create_app(settings))
+    await post(client, sample_body)
+    await start_worker(settings)
+    await destination.wait_for_requests(1)
+
+    async def scrape() -> str | None:
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as r:
+            text = await r.text()
+        line = 'examhook_worker_deliveries_total{integration="lms",outcome="delivered"} 1.0'
+        return text if line in text else None
+
+    text = await eventually(scrape)
+    assert "examhook_worker_attempt_seconds_bucket" in text

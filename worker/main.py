@@ -38,11 +38,11 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["session"] = session
     ctx["integrations"] = built
     ctx["deliverer"] = Deliverer(settings, store, built, metrics)
-    if settings.worker.metrics_port is not None and not ctx.get("metrics_started"):
+    if settings.worker.metrics_port is not None and "metrics_server" not in ctx:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.worker.metrics_port, registry=metrics.registry)
-        ctx["metrics_started"] = True
+        # a small thread serving this process's /metrics (each worker needs its own port)
+        ctx["metrics_server"] = start_http_server(settings.worker.metrics_port, registry=metrics.registry)
     log.info("worker ready", extra={"integrations": ",".join(built) or "(none)"})
 
 
@@ -52,6 +52,12 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     session = ctx.get("session")
     if session is not None:
         await session.close()
+    server = ctx.pop("metrics_server", None)
+    if server is not None:
+        http_server, thread = server
+        http_server.shutdown()
+        http_server.server_close()
+        thread.join(timeout=5)
     # arq closes its own pool after this, but not a sentinel-managed pool's sentinel connections
     await close_sentinels(ctx["redis"])
 
