@@ -149,8 +149,11 @@ class FlakyDestination:
     async def _handle(self, request: web.Request) -> web.Response:
         await request.read()
         roll = self.rng.random()
-        answer = "hang" if roll < self.options.hang_rate else (
-            "5xx" if roll < self.options.hang_rate + self.options.fail_rate else "ok")
+        answer = (
+            "hang"
+            if roll < self.options.hang_rate
+            else ("5xx" if roll < self.options.hang_rate + self.options.fail_rate else "ok")
+        )
         record = Request(request.headers.get("Idempotency-Key", ""), time.monotonic(), answer)
         async with self.arrived:
             self.requests.append(record)
@@ -310,12 +313,21 @@ class Cluster:
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, "EXAMHOOK_CONFIG": str(self.config), "EXAMHOOK_LOG_LEVEL": "warning"}
-        for var in ("EXAMHOOK_REDIS_URL", "EXAMHOOK_REDIS_PREFIX", "EXAMHOOK_BASIC_AUTH_USER",
-                    "EXAMHOOK_BASIC_AUTH_PASSWORD"):
+        for var in (
+            "EXAMHOOK_REDIS_URL",
+            "EXAMHOOK_REDIS_PREFIX",
+            "EXAMHOOK_BASIC_AUTH_USER",
+            "EXAMHOOK_BASIC_AUTH_PASSWORD",
+        ):
             env.pop(var, None)
         with open(self.workdir / f"{name}.log", "ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, cwd=REPO,
-                                       stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "cli.main", *args],
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.note(f"{name} started (pid {process.pid})")
         return process
 
@@ -414,8 +426,9 @@ class ChaosReport:
         return "\n".join(lines)
 
 
-async def _chaos(cluster: Cluster, sender: Sender, destination: FlakyDestination,
-                 options: ChaosOptions) -> None:
+async def _chaos(
+    cluster: Cluster, sender: Sender, destination: FlakyDestination, options: ChaosOptions
+) -> None:
     """The faults, each triggered by the sender's progress (accepted events); each kill lands
     while a send is in flight (a request hanging at the destination), when one comes soon."""
 
@@ -445,8 +458,9 @@ async def _chaos(cluster: Cluster, sender: Sender, destination: FlakyDestination
     cluster.start_worker("worker-2b")  # and worker 2 is replaced
 
 
-def _crash_windows(timeline: list[tuple[float, str]], started: float, options: ChaosOptions
-                   ) -> list[tuple[float, float]]:
+def _crash_windows(
+    timeline: list[tuple[float, str]], started: float, options: ChaosOptions
+) -> list[tuple[float, float]]:
     """Monotonic time ranges in which a send could have been interrupted by a crash."""
     windows = []
     margin = options.timeout_seconds + 1.0
@@ -463,8 +477,9 @@ def _crash_windows(timeline: list[tuple[float, str]], started: float, options: C
     return windows
 
 
-async def _verify(redis: Redis, sender: Sender, destination: FlakyDestination, cluster: Cluster,
-                  report: ChaosReport) -> None:
+async def _verify(
+    redis: Redis, sender: Sender, destination: FlakyDestination, cluster: Cluster, report: ChaosReport
+) -> None:
     keys = Keys(PREFIX)
     accepted = {s.event_id for s in sender.sent if s.event_id is not None}
     seen = {r.key for r in destination.requests}
@@ -501,17 +516,21 @@ async def _verify(redis: Redis, sender: Sender, destination: FlakyDestination, c
         report.problems.append(
             f"{len(report.undelivered)} accepted events never marked delivered "
             f"({len(report.orphaned)} with no "
-            f"job left in the queue to deliver them), e.g.")
+            f"job left in the queue to deliver them), e.g."
+        )
         for event_id in sample:
             report.problems.append(f"  {event_id}: {await _diagnose(redis, keys, event_id)}")
     never_sent = accepted - seen
     if never_sent:
-        report.problems.append(f"{len(never_sent)} accepted events never reached the destination, "
-                               f"e.g. {sorted(never_sent)[:3]}")
+        report.problems.append(
+            f"{len(never_sent)} accepted events never reached the destination, e.g. {sorted(never_sent)[:3]}"
+        )
     unknown = seen - accepted
     if unknown:
-        report.problems.append(f"{len(unknown)} Idempotency-Keys at the destination belong to no accepted "
-                               f"event, e.g. {sorted(unknown)[:3]}")
+        report.problems.append(
+            f"{len(unknown)} Idempotency-Keys at the destination belong to no accepted "
+            f"event, e.g. {sorted(unknown)[:3]}"
+        )
     if last["queue"]:
         items = await redis.zrange(keys.queue, 0, 4, withscores=True)
         report.problems.append(f"queue not drained: {last['queue']} jobs left, e.g. {items}")
@@ -546,8 +565,9 @@ async def _diagnose(redis: Redis, keys: Keys, event_id: str) -> str:
     return json.dumps(facts, default=str)
 
 
-def _count_repeats(destination: FlakyDestination, windows: list[tuple[float, float]],
-                   report: ChaosReport) -> None:
+def _count_repeats(
+    destination: FlakyDestination, windows: list[tuple[float, float]], report: ChaosReport
+) -> None:
     """A repeat: a request the destination processed (answered 2xx, or hung) for a key it had
     already processed. Each is explained by a hang of that key or by a crash window around the
     earlier processing."""
@@ -567,8 +587,10 @@ def _count_repeats(destination: FlakyDestination, windows: list[tuple[float, flo
         else:
             report.unexplained_repeats.append(key)
     if report.unexplained_repeats:
-        report.problems.append(f"{len(report.unexplained_repeats)} events repeated with no hang or crash to "
-                               f"explain it, e.g. {report.unexplained_repeats[:3]}")
+        report.problems.append(
+            f"{len(report.unexplained_repeats)} events repeated with no hang or crash to "
+            f"explain it, e.g. {report.unexplained_repeats[:3]}"
+        )
 
 
 @contextlib.asynccontextmanager

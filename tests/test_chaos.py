@@ -28,8 +28,9 @@ async def test_chaos_nothing_acknowledged_is_lost(tmp_path_factory: pytest.TempP
     reached the destination and its ``delivered`` marker exists), the destination saw no key of an
     event that was not accepted, every repeat follows a hang or a crash, no failure is recorded, the
     queue drains to empty and no process exited by itself."""
-    options = ChaosOptions(events=1200, duration=20.0, concurrency=20, seed=1,
-                           workdir=tmp_path_factory.mktemp("chaos"))
+    options = ChaosOptions(
+        events=1200, duration=20.0, concurrency=20, seed=1, workdir=tmp_path_factory.mktemp("chaos")
+    )
     report = await run_chaos(options)
     print("\n" + report.summary())
     assert report.accepted == options.events
@@ -37,12 +38,20 @@ async def test_chaos_nothing_acknowledged_is_lost(tmp_path_factory: pytest.TempP
 
 
 async def test_chaos_redis_outage_longer_than_job_timeout_loses_nothing(
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """Redis SIGKILLed while a send is in flight and kept down longer than job_timeout_seconds
     (6 s > 5 s), with the same workers, sender and flaky destination: every accepted event is
     still delivered; in particular no undelivered event is left without a job that would deliver it."""
-    options = ChaosOptions(events=800, duration=20.0, concurrency=20, seed=2, redis_outage_seconds=6.0,
-                           settle_timeout=25.0, workdir=tmp_path_factory.mktemp("chaos-outage"))
+    options = ChaosOptions(
+        events=800,
+        duration=20.0,
+        concurrency=20,
+        seed=2,
+        redis_outage_seconds=6.0,
+        settle_timeout=25.0,
+        workdir=tmp_path_factory.mktemp("chaos-outage"),
+    )
     report = await run_chaos(options)
     print("\n" + report.summary())
     assert report.accepted == options.events

@@ -476,14 +476,21 @@ async def test_worker_sigkilled_mid_delivery_still_delivers(
             first.kill()
 
 
-async def test_worker_serves_its_own_metrics(aiohttp_client: Any, make_settings: Any, start_worker: Any,
-                                             destination: Destination, sample_body: bytes,
-                                             unused_tcp_port_factory: Any) -> None:
+async def test_worker_serves_its_own_metrics(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    unused_tcp_port_factory: Any,
+) -> None:
     """With worker.metrics_port set, a worker serves Prometheus metrics of its deliveries on that port."""
     import aiohttp
 
     port = unused_tcp_port_factory()
-    settings = make_settings([http(destination)], worker={"metrics_port": port, "health_check_interval_seconds": 1})
+    settings = make_settings(
+        [http(destination)], worker={"metrics_port": port, "health_check_interval_seconds": 1}
+    )
     client = await aiohttp_client(create_app(settings))
     await post(client, sample_body)
     await start_worker(settings)
