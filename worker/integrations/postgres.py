@@ -305,7 +305,13 @@ class PostgresDelivery(Integration[PostgresIntegration]):
             async with asyncio.timeout(self.timeout):
                 pool = await self._ready()
                 async with pool.acquire() as connection:
-                    inserted = await connection.fetchval(self._upsert, *args)
+                    try:
+                        inserted = await connection.fetchval(self._upsert, *args)
+                    except asyncpg.UniqueViolationError:
+                        # Two workers inserting the same release at once: ON CONFLICT arbitrates
+                        # on the primary key only, so the loser can trip the event_id unique
+                        # index instead. The winner has committed by now: upsert again.
+                        inserted = await connection.fetchval(self._upsert, *args)
         except Exception as exc:
             raise self._error(exc) from None
         return "inserted" if inserted else "updated"
