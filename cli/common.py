@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -125,18 +124,3 @@ def _cell(value: Any, limit: int = 60) -> str:
     text = "" if value is None else str(value)
     text = text.replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-__all__ = [
-    "Coroutine",
-    "Iterator",
-    "config_option",
-    "data_dir_option",
-    "fail",
-    "functools",
-    "json_option",
-    "print_json",
-    "print_table",
-    "run_inspection",
-    "settings_or_exit",
-]

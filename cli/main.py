@@ -9,7 +9,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -27,6 +28,8 @@ from cli.common import (
 from shared.inspection import Inspector
 from shared.logs import configure_logging
 from shared.settings import masked
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -358,18 +361,29 @@ def _select_pairs(
     return inspector.failure_pairs(None if all_ else list(event_ids), integration)
 
 
+def pair_selection(command: F) -> F:
+    """The options of ``failures retry`` and ``failures purge``: which failed pairs."""
+    for option in reversed(
+        [
+            click.argument("event_ids", nargs=-1),
+            click.option("--all", "all_", is_flag=True, help="Every failed delivery."),
+            click.option("--integration", default=None),
+            json_option,
+            data_dir_option,
+            config_option,
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 def _require_selection(event_ids: tuple[str, ...], all_: bool) -> None:
     if bool(event_ids) == all_:
         raise click.UsageError("give EVENT_ID... or --all (not both)")
 
 
 @failures.command("retry")
-@click.argument("event_ids", nargs=-1)
-@click.option("--all", "all_", is_flag=True, help="Every failed delivery.")
-@click.option("--integration", default=None)
-@json_option
-@data_dir_option
-@config_option
+@pair_selection
 def failures_retry(
     event_ids: tuple[str, ...],
     all_: bool,
@@ -404,12 +418,7 @@ def failures_retry(
 
 
 @failures.command("purge")
-@click.argument("event_ids", nargs=-1)
-@click.option("--all", "all_", is_flag=True, help="Every failed delivery.")
-@click.option("--integration", default=None)
-@json_option
-@data_dir_option
-@config_option
+@pair_selection
 def failures_purge(
     event_ids: tuple[str, ...],
     all_: bool,
