@@ -206,18 +206,8 @@ class Inspector:
         return await self.store.requeue_failures(pairs)
 
     async def purge(self, pairs: list[tuple[str, str]]) -> int:
-        """Forget failed pairs: their failure record, state and attempt log."""
-        k = self.keys
-        removed = 0
-        for start in range(0, len(pairs), 500):
-            chunk = pairs[start : start + 500]
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for event_id, name in chunk:
-                    pipe.zrem(k.failures, pair_member(event_id, name))
-                    pipe.delete(k.pair(event_id, name), k.attempts(event_id, name))
-                results = await pipe.execute()
-            removed += sum(int(r) for r in results[0::2])
-        return removed
+        """Forget failed pairs: their failure record, state, attempt log and queued job."""
+        return await self.store.purge_failures(pairs)
 
     # -- rejected ----------------------------------------------------------------------
 

@@ -281,9 +281,22 @@ def _check(settings: Settings, where: str) -> None:
         settings.receiver.basic_auth_user or settings.receiver.basic_auth_password
     ):
         raise ConfigError(f"{where}receiver.basic_auth_user/basic_auth_password: set both or neither")
+    if settings.worker.job_timeout_seconds is not None and settings.integrations:
+        slowest = max(i.timeout_seconds for i in settings.integrations)
+        if job_deadline_seconds(settings.worker.job_timeout_seconds) <= slowest:
+            raise ConfigError(
+                f"{where}worker.job_timeout_seconds: too short for the slowest integration "
+                f"(timeout_seconds = {slowest:g}); the default (largest timeout + 10) is safe"
+            )
     retention = settings.retention
     if retention.failure_seconds < retention.payload_seconds:
         raise ConfigError(f"{where}retention.failure_seconds: must be at least retention.payload_seconds")
+
+
+def job_deadline_seconds(job_timeout: float) -> float:
+    """How long one run of a job may take before examhook gives up on it (and keeps the job),
+    safely before arq's own job timeout, which would drop it."""
+    return job_timeout - 3.0 if job_timeout >= 15 else job_timeout * 0.8
 
 
 def _valid_whsec(secret: str) -> bool:

@@ -81,6 +81,7 @@ class Store:
         self._claim = redis.register_script(_script("claim"))
         self._record = redis.register_script(_script("record"))
         self._retry = redis.register_script(_script("retry"))
+        self._purge = redis.register_script(_script("purge"))
         self._release = redis.register_script(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
         )
@@ -112,6 +113,7 @@ class Store:
             now_ms(),
             self.retention.dedup_window_seconds * 1000,
             self.payload_ttl_ms,
+            self.delivered_ttl_ms,  # the newest-release marker outlives any older release's records
         ]
         for event, job in zip(events, jobs, strict=True):
             args += [event.event_id, event.attempt_id, event.released_ms, event.body, job]
@@ -184,8 +186,12 @@ class Store:
         *,
         token: str,
         record: AttemptRecord,
-        retry_job: tuple[str, bytes, int] | None = None,
+        retry_in_ms: int = 0,
+        retry_job: bytes | None = None,
+        uncertain: bool = False,
     ) -> int:
+        """Record one attempt's outcome (see record.lua). ``retry_job``: enqueue the pair's
+        retry job, due in ``retry_in_ms``; ``uncertain``: it may have been sent (a timeout)."""
         args: list[Any] = [
             self.keys.prefix,
             event_id,
@@ -198,9 +204,10 @@ class Store:
             self.payload_ttl_ms,
             self.delivered_ttl_ms,
             self.failure_ttl_ms,
+            "1" if uncertain else "0",
+            retry_in_ms,
+            retry_job or b"",
         ]
-        if retry_job is not None:
-            args += list(retry_job)
         return int(await self._record(args=args))
 
     async def release(self, event_id: str, integration: str, token: str) -> None:
@@ -243,6 +250,16 @@ class Store:
             queued += int(q)
             skipped += int(s)
         return queued, skipped
+
+    async def purge_failures(self, pairs: list[tuple[str, str]]) -> int:
+        """Forget failed pairs; returns how many failures were removed."""
+        removed = 0
+        for start in range(0, len(pairs), 500):
+            args: list[Any] = [self.keys.prefix]
+            for event_id, integration in pairs[start : start + 500]:
+                args += [event_id, integration]
+            removed += int(await self._purge(args=args))
+        return removed
 
 
 def new_token() -> str:

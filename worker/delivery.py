@@ -30,6 +30,7 @@ log = logging.getLogger("examhook.worker")
 
 # When another worker holds a pair's lock, look again after this long.
 LOCKED_RETRY_SECONDS = 5.0
+EXPIRED_ERROR = "payload expired before delivery (retention.payload_seconds)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,12 @@ class Deliverer:
         self.metrics = metrics
         self.lock_ttl_ms = int(settings.job_timeout_seconds * 1000)
         self._filters = [i.config.when != When() for i in integrations.values()]
+        self._recording: set[asyncio.Future[int]] = set()  # records finishing after a cancel
+
+    async def drain(self) -> None:
+        """Wait for records still being written after their job was cancelled (shutdown)."""
+        if self._recording:
+            await asyncio.wait(set(self._recording), timeout=10)
 
     async def handle_event(
         self, event_id: str, attempt_id: str | None = None, released: int | None = None
@@ -77,12 +84,12 @@ class Deliverer:
                 released_ms=released,
             )
             if body is None:
-                return self._expired(event_id)
+                return await self._expired(event_id)
             event = decoder.decode(body)
         else:
             body = await self.store.redis.get(self.keys.event(event_id))
             if body is None:
-                return self._expired(event_id)
+                return await self._expired(event_id)
             event = decoder.decode(body)
             targets = [i for i in everyone if matches(i.config.when, event)]
             claims = []
@@ -102,34 +109,40 @@ class Deliverer:
             self.metrics.unmatched.inc()
             log.info("matched no integration", extra={"event_id": event_id})
             return "unmatched"
-        outcomes = await asyncio.gather(
+        # every attempt runs to its end even if one fails: no sibling is left running unowned
+        results = await asyncio.gather(
             *(
                 self.attempt(event_id, i, c, token=token, mode="first", body=body, event=event)
                 for i, c in zip(targets, claims, strict=True)
-            )
+            ),
+            return_exceptions=True,
         )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        outcomes = [r for r in results if isinstance(r, Outcome)]
         return ",".join(f"{i.name}={o.state}" for i, o in zip(targets, outcomes, strict=True))
 
-    def _expired(self, event_id: str) -> str:
+    async def _expired(self, event_id: str) -> str:
+        """The body is gone before the first attempt (retention ran out while queued): make it
+        a visible failure for every integration rather than drop it silently."""
         log.warning("event expired before delivery", extra={"event_id": event_id})
+        for name in self.integrations:
+            await self._record_failure(event_id, name, EXPIRED_ERROR)
         return "expired"
+
+    async def _record_failure(self, event_id: str, name: str, error: str, token: str = "") -> None:
+        record = AttemptRecord(attempt=0, at=now_ms(), duration_ms=0, outcome="failed", error=error)
+        await self.store.record(event_id, name, token=token, record=record)
+        self.metrics.deliveries.labels(name, "failed").inc()
 
     async def deliver(self, event_id: str, name: str) -> Outcome:
         """The ``deliver`` job: one more attempt of a pair (retries, ``failures retry``)."""
         integration = self.integrations.get(name)
         if integration is None:
             log.error("integration is not configured here", extra={"event_id": event_id, "integration": name})
-            await self.store.record(
-                event_id,
-                name,
-                token="",
-                record=AttemptRecord(
-                    attempt=0,
-                    at=now_ms(),
-                    duration_ms=0,
-                    outcome="failed",
-                    error=f"integration {name!r} is not configured on this worker",
-                ),
+            await self._record_failure(
+                event_id, name, f"integration {name!r} is not configured on this worker"
             )
             return Outcome("failed")
         token = new_token()
@@ -160,7 +173,11 @@ class Deliverer:
                 return Outcome("retry", LOCKED_RETRY_SECONDS)
             await self.store.enqueue_deliver(event_id, name, defer_ms=self.lock_ttl_ms)
             return Outcome("skipped")
-        if claim.state != "ok":
+        if claim.state == "expired":
+            log.warning("payload expired before delivery", extra={"event_id": event_id, "integration": name})
+            await self._record_failure(event_id, name, EXPIRED_ERROR, token)
+            return Outcome("failed")
+        if claim.state != "ok":  # delivered, superseded, scheduled, purged
             self.metrics.skipped.labels(name, claim.state).inc()
             log.info("not sent: %s", claim.state, extra={"event_id": event_id, "integration": name})
             return Outcome("skipped")
@@ -174,6 +191,7 @@ class Deliverer:
         status: str | None = None
         error: str | None = None
         retry_after: float | None = None
+        uncertain = False  # the outcome is unknown: it may have been sent
         try:
             try:
                 # the integration enforces its own timeout; this is the backstop
@@ -186,6 +204,7 @@ class Deliverer:
                 outcome, status, error = "failed", exc.status, exc.message
             except TimeoutError:
                 outcome, error = "retry", f"timed out after {config.timeout_seconds:g}s"
+                uncertain = True
             except Exception as exc:  # a bug or an unforeseen error: retry, and say so loudly
                 log.exception(
                     "integration raised unexpectedly", extra={"event_id": event_id, "integration": name}
@@ -219,10 +238,23 @@ class Deliverer:
         )
         retry_job = None
         if retry_in is not None and mode == "first":
-            run_at = now_ms() + int(retry_in * 1000)
-            job = encode_job(DELIVER, (event_id, name), now_ms())
-            retry_job = (self.keys.deliver_job_id(event_id, name), job, run_at)
-        await self.store.record(event_id, name, token=token, record=record, retry_job=retry_job)
+            retry_job = encode_job(DELIVER, (event_id, name), now_ms())
+        # The send happened: its record must land even if this job is cancelled meanwhile
+        # (deadline, shutdown, Redis slow to come back), or the pair would be sent again.
+        recording = asyncio.ensure_future(
+            self.store.record(
+                event_id,
+                name,
+                token=token,
+                record=record,
+                retry_in_ms=int((retry_in or 0) * 1000),
+                retry_job=retry_job,
+                uncertain=uncertain,
+            )
+        )
+        self._recording.add(recording)
+        recording.add_done_callback(self._recording.discard)
+        await asyncio.shield(recording)
 
         self.metrics.deliveries.labels(name, outcome).inc()
         self.metrics.attempt_seconds.labels(name).observe(duration)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from arq import Retry
 
-from shared.settings import Settings
+from shared.settings import Settings, job_deadline_seconds
 from worker.delivery import Deliverer
 
 log = logging.getLogger("examhook.worker")
@@ -28,8 +28,7 @@ RERUN_SECONDS = 2.0
 
 def job_deadline(settings: Settings) -> float:
     """Seconds a job may run before examhook itself gives up on this run (before arq does)."""
-    timeout = settings.job_timeout_seconds
-    return timeout - 3.0 if timeout >= 15 else timeout * 0.8
+    return job_deadline_seconds(settings.job_timeout_seconds)
 
 
 async def _guarded(ctx: dict[str, Any], job: str, work: Awaitable[T]) -> T:

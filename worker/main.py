@@ -47,6 +47,9 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    deliverer: Deliverer | None = ctx.get("deliverer")
+    if deliverer is not None:
+        await deliverer.drain()
     for integration in ctx.get("integrations", {}).values():
         await integration.close()
     session = ctx.get("session")

@@ -8,6 +8,7 @@
 --   with_body '1': also return the body (false when it expired).
 -- Returns {body, {state, attempts_so_far, interrupted}, ...} with one entry per name;
 -- state is one of ok, delivered (never send again), superseded (a newer release exists),
+-- purged (an operator purged the failure this retry job belonged to),
 -- locked (another worker is sending it), scheduled (mode first, already attempted),
 -- expired (the body is gone).
 local p, e = ARGV[1], ARGV[2]
@@ -20,8 +21,11 @@ for n = 11, #ARGV do
   local suffix = e .. ':' .. i
   local pair = p .. ':pair:' .. suffix
   local attempt_id, released = given_attempt, given_released
+  local purged = false
   if attempt_id == '' then
     local stored = redis.call('HMGET', pair, 'attempt_id', 'released_ms')
+    -- a retry job whose pair record is gone: the failure was purged
+    purged = not stored[1]
     attempt_id, released = stored[1] or '', stored[2] or '0'
   end
   local attempts = redis.call('HGET', pair, 'attempts') or '0'
@@ -29,6 +33,8 @@ for n = 11, #ARGV do
   local state
   if redis.call('EXISTS', p .. ':delivered:' .. suffix) == 1 then
     state = 'delivered'
+  elseif purged then
+    state = 'purged'
   elseif mode == 'first' and tonumber(attempts) > 0 then
     state = 'scheduled'
   elseif latest > tonumber(released) then

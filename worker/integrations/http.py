@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import time
@@ -66,16 +67,19 @@ class HttpDelivery(Integration[HttpIntegration]):
                 allow_redirects=False,
             ) as response:
                 status = response.status
-                excerpt = (await response.content.read(MAX_ERROR_BODY)).decode("utf-8", "replace")
+                if 200 <= status < 300:
+                    # delivered: whatever happens to the rest of the answer changes nothing
+                    return str(status)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                excerpt = ""
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    excerpt = (await response.content.read(MAX_ERROR_BODY)).decode("utf-8", "replace")
         except TimeoutError:
             raise TransientError(f"timed out after {self.config.timeout_seconds:g}s") from None
         except aiohttp.ClientError as exc:
             raise TransientError(f"{exc.__class__.__name__}: {exc}") from None
         except asyncio.CancelledError:
             raise
-        if 200 <= status < 300:
-            return str(status)
         message = f"HTTP {status}" + (f": {excerpt}" if excerpt else "")
         if status in RETRYABLE_STATUSES or status >= 500:
             raise TransientError(message, status=str(status), retry_after=retry_after)

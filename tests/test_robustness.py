@@ -1,0 +1,252 @@
+"""Edge cases of the delivery records: retention vs long retries, expired payloads,
+operators' retry/purge racing with jobs, uncertain outcomes, and odd destinations."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from ingest.app import WEBHOOK_PATH, create_app
+from shared.contract import Keys
+from shared.inspection import Inspector
+from shared.settings import ConfigError, settings_from_dict
+from shared.store import AttemptRecord, Store, now_ms
+from tests.conftest import Destination, eventually
+
+AUTH = {
+    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
+    "Content-Type": "application/json",
+}
+FAST = {"backoff_base_seconds": 0.05, "backoff_max_seconds": 0.1}
+
+
+def http(dest: Destination | str, name: str = "lms", **extra: Any) -> dict[str, Any]:
+    url = dest if isinstance(dest, str) else dest.url
+    return {"name": name, "type": "http", "url": url, "timeout_seconds": 2, **FAST, **extra}
+
+
+async def post(client: Any, body: bytes) -> str:
+    response = await client.post(WEBHOOK_PATH, data=body, headers=AUTH)
+    assert response.status == 202
+    return str((await response.json())["event_id"])
+
+
+def store_for(settings: Any, redis: Redis) -> Store:
+    return Store(redis, Keys(settings.redis.prefix), settings.retention)
+
+
+async def test_retry_wait_longer_than_payload_retention_keeps_the_payload(
+    aiohttp_client: Any, make_settings: Any, start_worker: Any, destination: Destination, sample_body: bytes
+) -> None:
+    """A retry scheduled further out than retention.payload_seconds still finds the body
+    (the record step keeps it for the wait plus the retention) and delivers."""
+    destination.responses = [(503, {"Retry-After": "2"})]
+    settings = make_settings([http(destination)], retention={"payload_seconds": 1, "dedup_window_seconds": 1})
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post(client, sample_body)
+    await start_worker(settings)
+    requests = await destination.wait_for_requests(2, timeout=15)
+    assert [r.body for r in requests] == [sample_body, sample_body]
+    assert requests[1].headers["Idempotency-Key"] == event_id
+
+
+async def test_payload_gone_before_delivery_is_a_visible_failure(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+    prefix: str,
+) -> None:
+    """An event whose body expired while it waited in the queue becomes a failure record
+    per integration ("payload expired"), not a silent drop."""
+    settings = make_settings([http(destination)])
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post(client, sample_body)
+    await redis.delete(Keys(prefix).event(event_id))  # as if retention ran out
+    await start_worker(settings)
+    rows = await eventually(Inspector(store_for(settings, redis)).failures)
+    assert rows[0].event_id == event_id
+    assert "payload expired" in rows[0].last_error
+    assert destination.requests == []
+
+
+async def test_failures_retry_never_shortens_another_integrations_payload(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+    prefix: str,
+) -> None:
+    """Retrying one integration's failure leaves the body kept for the other's failure record."""
+    destination.responses = [(400, {}), (400, {})]
+    settings = make_settings([http(destination, "lms"), http(destination, "crm")])
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post(client, sample_body)
+    await start_worker(settings)
+    inspector = Inspector(store_for(settings, redis))
+    await eventually(lambda: _count(inspector, 2))
+    failure_ttl = settings.retention.failure_seconds * 1000
+    assert await redis.pttl(Keys(prefix).event(event_id)) > failure_ttl - 60_000
+    assert await inspector.retry([(event_id, "lms")]) == (1, 0)
+    assert await redis.pttl(Keys(prefix).event(event_id)) > failure_ttl - 60_000
+    await eventually(lambda: _count(inspector, 1))  # lms delivered; crm still failed
+    assert [r.integration for r in await inspector.failures()] == ["crm"]
+
+
+async def _count(inspector: Inspector, n: int) -> bool:
+    return len(await inspector.failures()) == n
+
+
+async def test_purged_failure_is_never_sent_by_a_stray_job(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+    prefix: str,
+) -> None:
+    """After `failures purge`, a retry job for that pair that still turns up sends nothing."""
+    destination.responses = [(400, {})]
+    settings = make_settings([http(destination)])
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post(client, sample_body)
+    worker = await start_worker(settings)
+    store = store_for(settings, redis)
+    inspector = Inspector(store)
+    await eventually(inspector.failures)
+    assert await inspector.purge([(event_id, "lms")]) == 1
+    assert await inspector.purge([(event_id, "lms")]) == 0  # nothing left to purge
+    await store.enqueue_deliver(event_id, "lms")  # a stray job
+    keys = Keys(prefix)
+    await eventually(lambda: _queue_empty(redis, keys))
+    assert worker.jobs_complete >= 2
+    assert len(destination.requests) == 1
+    assert not await redis.exists(keys.pair(event_id, "lms"))
+
+
+async def _queue_empty(redis: Redis, keys: Keys) -> bool:
+    return await redis.zcard(keys.queue) == 0
+
+
+async def test_failures_retry_skips_a_pair_whose_job_is_running(
+    make_settings: Any, sample_body: bytes, redis: Redis, prefix: str
+) -> None:
+    """`failures retry` leaves a failure alone while that pair's job is running (its finish
+    would otherwise delete the new job), and reports it as skipped."""
+    settings = make_settings([{"name": "lms", "type": "http", "url": "http://127.0.0.1:1/"}])
+    store = store_for(settings, redis)
+    keys = Keys(prefix)
+    await redis.set(keys.event("evt_x"), sample_body)
+    await redis.zadd(keys.failures, {"evt_x:lms": now_ms()})
+    await redis.set(f"arq:in-progress:{keys.deliver_job_id('evt_x', 'lms')}", b"1", px=60_000)
+    assert await store.requeue_failures([("evt_x", "lms")]) == (0, 1)
+    assert await redis.zscore(keys.failures, "evt_x:lms") is not None
+    await redis.delete(f"arq:in-progress:{keys.deliver_job_id('evt_x', 'lms')}")
+    assert await store.requeue_failures([("evt_x", "lms")]) == (1, 0)
+
+
+async def test_timed_out_attempt_makes_the_next_one_check_for_a_repeat(
+    make_settings: Any, sample_body: bytes, redis: Redis, prefix: str
+) -> None:
+    """An attempt whose outcome is unknown (it timed out) tells the next attempt that the
+    event may have been sent already, as a crash mid-send does."""
+    settings = make_settings([{"name": "f", "type": "file", "path": "/tmp/unused"}])
+    store = store_for(settings, redis)
+    keys = Keys(prefix)
+    await redis.set(keys.event("evt_t"), sample_body)
+    _, [claim] = await store.claim(
+        "evt_t",
+        ["f"],
+        token="a",
+        lock_ttl_ms=5000,
+        mode="first",
+        with_body=False,
+        attempt_id="att",
+        released_ms=1,
+    )
+    assert claim.state == "ok" and not claim.interrupted
+    record = AttemptRecord(attempt=1, at=now_ms(), duration_ms=1, outcome="retry", error="timed out")
+    await store.record("evt_t", "f", token="a", record=record, retry_in_ms=10, uncertain=True)
+    _, [again] = await store.claim("evt_t", ["f"], token="b", lock_ttl_ms=5000, mode="retry", with_body=True)
+    assert again.state == "ok" and again.interrupted
+
+
+async def test_2xx_with_a_broken_body_counts_as_delivered(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    sample_body: bytes,
+    redis: Redis,
+    prefix: str,
+) -> None:
+    """A destination that answers 200 and then breaks the connection mid-body has the event:
+    it is delivered once, not retried."""
+    hits: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(
+            next(
+                line.split(b":")[1]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+        )
+        await reader.readexactly(length)
+        hits.append(head)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        settings = make_settings([http(f"http://127.0.0.1:{port}/hook")])
+        client = await aiohttp_client(create_app(settings))
+        event_id = await post(client, sample_body)
+        await start_worker(settings)
+        await eventually(lambda: redis.exists(Keys(prefix).delivered(event_id, "lms")))
+        assert len(hits) == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_job_timeout_shorter_than_an_integration_is_a_config_error() -> None:
+    """worker.job_timeout_seconds must leave room for the slowest integration's timeout."""
+    with pytest.raises(ConfigError, match=r"worker\.job_timeout_seconds"):
+        settings_from_dict(
+            {
+                "worker": {"job_timeout_seconds": 10},
+                "integrations": [{"name": "lms", "type": "http", "url": "http://x/", "timeout_seconds": 10}],
+            }
+        )
+    settings_from_dict(
+        {
+            "worker": {"job_timeout_seconds": 30},
+            "integrations": [{"name": "lms", "type": "http", "url": "http://x/", "timeout_seconds": 10}],
+        }
+    )
+
+
+async def test_newest_release_marker_outlives_older_failures(
+    aiohttp_client: Any, make_settings: Any, sample_body: bytes, redis: Redis, prefix: str
+) -> None:
+    """The newest-release marker of an attempt lives as long as an older release's failure
+    could be retried, so a stale grade can never be sent over a newer one."""
+    settings = make_settings()
+    client = await aiohttp_client(create_app(settings))
+    await post(client, sample_body)
+    attempt_id = json.loads(sample_body)["attempt"]["id"]
+    ttl = await redis.pttl(Keys(prefix).latest(attempt_id))
+    assert ttl > settings.retention.failure_seconds * 1000 - 60_000
