@@ -25,9 +25,9 @@ from cli.common import (
     run_inspection,
     settings_or_exit,
 )
-from shared.inspection import Inspector
+from shared.inspection import Inspector, iso
 from shared.logs import configure_logging
-from shared.settings import masked
+from shared.settings import Settings, masked
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -138,16 +138,16 @@ def worker(concurrency: int | None, burst: bool, check: bool, config_path: str |
     create_worker(settings, burst=burst, concurrency=concurrency).run()
 
 
-async def _worker_health(settings: Any) -> int:
+async def _worker_health(settings: Settings) -> int:
+    from redis.exceptions import RedisError
+
     from shared.contract import Keys
     from shared.redis_conn import redis_client
 
     redis = redis_client(settings)
     try:
         value = await redis.get(Keys(settings.redis.prefix).health_check)
-    except OSError:
-        value = None
-    except Exception:
+    except (RedisError, OSError):  # Redis unreachable: no worker can have reported
         value = None
     finally:
         await redis.aclose()
@@ -458,17 +458,11 @@ def rejected_list(as_json: bool, data_dir: str, config_path: str | None) -> None
     items = run_inspection(settings, Inspector.rejected)
     data = [{k: v for k, v in msgspec.to_builtins(r).items() if k != "body"} for r in items]
     for row in data:
-        row["received_at"] = _iso(row["received_at"])
+        row["received_at"] = iso(row["received_at"])
     if as_json:
         print_json(data)
         return
     print_table(data, ["id", "received_at", "error", "path", "detail"], empty="no rejected bodies")
-
-
-def _iso(ms: int) -> str | None:
-    from shared.inspection import iso
-
-    return iso(ms)
 
 
 @rejected.command("show")
@@ -485,7 +479,7 @@ def rejected_show(reject_id: str, as_json: bool, data_dir: str, config_path: str
     if item is None:
         fail(f"no rejected body {reject_id} (unknown, or expired)", code=1)
     data = msgspec.to_builtins(item)
-    data["received_at"] = _iso(data["received_at"])
+    data["received_at"] = iso(data["received_at"])
     if as_json:
         print_json(data)
         return

@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from shared.contract import DELIVER, Keys, encode_job, pair_member, released_ms
+from shared.contract import DELIVER, Keys, encode_job, released_ms
 from shared.payload import ExamResultsReleased, decoder
 from shared.settings import Settings, When
 from shared.store import AttemptRecord, Claim, Store, new_token, now_ms
@@ -282,6 +282,3 @@ class Deliverer:
 def _short(error: str) -> str:
     # error text may quote a destination's answer; keep log lines short
     return error if len(error) <= 120 else error[:117] + "..."
-
-
-__all__ = ["Deliverer", "Outcome", "pair_member"]
