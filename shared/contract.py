@@ -19,7 +19,7 @@ P:delivered:E:I         string     set once the pair succeeded: never deliver ag
 P:lock:E:I              string     held while one worker sends the pair
 P:failures              zset       ``E:I`` of failed pairs, scored by last attempt (ms)
 P:unmatched             zset       events that matched no integration, by time (ms)
-P:rejected              zset       ids of quarantined bodies, by time (ms)
+P:rejected              zset       ids of quarantined bodies, by time (µs)
 P:rejected:R            hash       one quarantined body with its error
 P:stats                 hash       counters (accepted, duplicate, rejected, ...)
 ======================  =========  =====================================================

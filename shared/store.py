@@ -123,14 +123,16 @@ class Store:
     async def quarantine(self, rejected: Rejected) -> None:
         """Keep a rejected body, bounded in count and time."""
         k = self.keys
-        cutoff = now_ms() - self.retention.rejected_seconds * 1000
+        # scored in microseconds: bodies rejected within the same millisecond still have an
+        # order, so trimming to rejected_max always drops the oldest
+        cutoff = (now_ms() - self.retention.rejected_seconds * 1000) * 1000
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(
                 k.rejected_item(rejected.id),
                 msgspec.json.encode(rejected),
                 px=self.retention.rejected_seconds * 1000,
             )
-            pipe.zadd(k.rejected, {rejected.id: rejected.received_at})
+            pipe.zadd(k.rejected, {rejected.id: time.time_ns() // 1000})
             pipe.zremrangebyscore(k.rejected, "-inf", cutoff)
             pipe.zrange(k.rejected, 0, -(self.retention.rejected_max + 1))
             pipe.hincrby(k.stats, "rejected", 1)
