@@ -10,7 +10,9 @@ other's data even on a shared server.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import os
 import secrets
 import time
@@ -82,6 +84,41 @@ def make_settings(redis_url: str, prefix: str, redis: Redis) -> Callable[..., Se
         return settings_from_dict(raw)
 
     return make
+
+
+# What a sender configured like make_settings sends with a webhook.
+WEBHOOK_HEADERS = {
+    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
+    "Content-Type": "application/json",
+}
+# Retries within a test's patience.
+FAST_RETRIES = {"backoff_base_seconds": 0.05, "backoff_max_seconds": 0.1}
+
+
+def http_integration(destination: Destination | str, name: str = "lms", **extra: Any) -> dict[str, Any]:
+    """An ``http`` integration table posting to ``destination``, retrying fast."""
+    url = destination if isinstance(destination, str) else destination.url
+    return {"name": name, "type": "http", "url": url, "timeout_seconds": 2, **FAST_RETRIES, **extra}
+
+
+async def post_event(client: Any, body: bytes) -> str:
+    """POST a webhook through a test client; it must be accepted. Returns the event id."""
+    response = await client.post("/webhooks/exam-results-released", data=body, headers=WEBHOOK_HEADERS)
+    assert response.status == 202, await response.text()
+    return str((await response.json())["event_id"])
+
+
+def with_attempt(body: bytes, attempt_id: str, released_at: str | None = None) -> bytes:
+    """The body as another attempt (and, given ``released_at``, another release)."""
+    data = json.loads(body)
+    data["attempt"]["id"] = attempt_id
+    if released_at:
+        data["attempt"]["audit"]["releasedAt"] = released_at
+    return json.dumps(data).encode()
+
+
+async def queue_empty(redis: Redis, keys: Any) -> bool:
+    return bool(await redis.zcard(keys.queue) == 0)
 
 
 @dataclass

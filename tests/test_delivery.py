@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from ingest.app import WEBHOOK_PATH, create_app
@@ -23,31 +22,16 @@ from shared.contract import Keys, pair_member
 from shared.inspection import Inspector
 from shared.settings import Settings
 from shared.store import Store
-from tests.conftest import Destination, eventually
-
-AUTH = {
-    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
-    "Content-Type": "application/json",
-}
-FAST = {"backoff_base_seconds": 0.05, "backoff_max_seconds": 0.1}
-
-
-def http(dest: Destination, name: str = "lms", **extra: Any) -> dict[str, Any]:
-    return {"name": name, "type": "http", "url": dest.url, "timeout_seconds": 2, **FAST, **extra}
-
-
-def variant(body: bytes, attempt_id: str, released_at: str | None = None) -> bytes:
-    data = json.loads(body)
-    data["attempt"]["id"] = attempt_id
-    if released_at:
-        data["attempt"]["audit"]["releasedAt"] = released_at
-    return json.dumps(data).encode()
-
-
-async def post(client: TestClient, body: bytes) -> str:  # type: ignore[type-arg]
-    response = await client.post(WEBHOOK_PATH, data=body, headers=AUTH)
-    assert response.status == 202, await response.text()
-    return str((await response.json())["event_id"])
+from tests.conftest import (
+    FAST_RETRIES,
+    WEBHOOK_HEADERS,
+    Destination,
+    eventually,
+    http_integration,
+    post_event,
+    queue_empty,
+    with_attempt,
+)
 
 
 def inspector(settings: Settings, redis: Redis) -> Inspector:
@@ -60,9 +44,9 @@ async def test_delivers_body_unchanged_with_headers(
     """The destination receives the body byte for byte, as JSON, with Idempotency-Key and
     webhook-id = event id;
     no signature headers without a signing secret."""
-    settings = make_settings([http(destination, headers={"Authorization": "Bearer lms-token"})])
+    settings = make_settings([http_integration(destination, headers={"Authorization": "Bearer lms-token"})])
     client = await aiohttp_client(create_app(settings))
-    event_id = await post(client, sample_body)
+    event_id = await post_event(client, sample_body)
     await start_worker(settings)
     [request] = await destination.wait_for_requests(1)
     assert request.body == sample_body
@@ -81,9 +65,9 @@ async def test_signature_verifies_with_standard_webhooks(
     from standardwebhooks.webhooks import Webhook
 
     secret = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
-    settings = make_settings([http(destination, signing_secret=secret)])
+    settings = make_settings([http_integration(destination, signing_secret=secret)])
     client = await aiohttp_client(create_app(settings))
-    await post(client, sample_body)
+    await post_event(client, sample_body)
     await start_worker(settings)
     [request] = await destination.wait_for_requests(1)
     assert abs(int(request.headers["webhook-timestamp"]) - time.time()) < 60
@@ -106,9 +90,9 @@ async def test_retryable_status_then_success(
 ) -> None:
     """5xx, 408, 425 and 429 are retried with backoff; a later 2xx delivers, with the same Idempotency-Key."""
     destination.responses = [(status, {}), (status, {})]
-    settings = make_settings([http(destination)])
+    settings = make_settings([http_integration(destination)])
     client = await aiohttp_client(create_app(settings))
-    event_id = await post(client, sample_body)
+    event_id = await post_event(client, sample_body)
     await start_worker(settings)
     requests = await destination.wait_for_requests(3)
     assert {r.headers["Idempotency-Key"] for r in requests} == {event_id}
@@ -126,9 +110,9 @@ async def test_retry_after_is_honoured(
 ) -> None:
     """A 503 with Retry-After: 1 delays the next attempt by at least a second, though backoff is 50 ms."""
     destination.responses = [(503, {"Retry-After": "1"})]
-    settings = make_settings([http(destination)])
+    settings = make_settings([http_integration(destination)])
     client = await aiohttp_client(create_app(settings))
-    await post(client, sample_body)
+    await post_event(client, sample_body)
     await start_worker(settings)
     first, second = await destination.wait_for_requests(2)
     assert second.at - first.at >= 0.95
@@ -146,9 +130,9 @@ async def test_other_4xx_fails_at_once(
 ) -> None:
     """Any other 4xx is a permanent failure after one attempt, kept with the payload for inspection."""
     destination.responses = [(status, {})]
-    settings = make_settings([http(destination)])
+    settings = make_settings([http_integration(destination)])
     client = await aiohttp_client(create_app(settings))
-    event_id = await post(client, sample_body)
+    event_id = await post_event(client, sample_body)
     await start_worker(settings)
     ins = inspector(settings, redis)
     rows = await eventually(ins.failures)
@@ -175,9 +159,9 @@ async def test_attempts_exhausted_is_a_failure(
 ) -> None:
     """After max_attempts retryable failures the pair is a failure with every attempt recorded."""
     destination.responses = [(500, {})] * 10
-    settings = make_settings([http(destination, max_attempts=3)])
+    settings = make_settings([http_integration(destination, max_attempts=3)])
     client = await aiohttp_client(create_app(settings))
-    event_id = await post(client, sample_body)
+    event_id = await post_event(client, sample_body)
     await start_worker(settings)
     rows = await eventually(inspector(settings, redis).failures)
     assert rows[0].attempts == 3
@@ -203,12 +187,12 @@ async def test_network_error_and_timeout_are_retried(
     destination.hang = 1.0
     settings = make_settings(
         [
-            {"name": "dead", "type": "http", "url": dead, "max_attempts": 2, **FAST},
-            http(destination, name="slow", timeout_seconds=0.2, max_attempts=2),
+            {"name": "dead", "type": "http", "url": dead, "max_attempts": 2, **FAST_RETRIES},
+            http_integration(destination, name="slow", timeout_seconds=0.2, max_attempts=2),
         ]
     )
     client = await aiohttp_client(create_app(settings))
-    await post(client, sample_body)
+    await post_event(client, sample_body)
     await start_worker(settings)
     rows = await eventually(lambda: _failures_if(inspector(settings, redis), 2), timeout=15)
     errors = {r.integration: r.last_error for r in rows}
@@ -233,9 +217,9 @@ async def test_failures_retry_redelivers(
     """A failed pair queued again by `failures retry` is delivered once the destination accepts;
     retrying it again afterwards sends nothing (it is delivered)."""
     destination.responses = [(400, {})]
-    settings = make_settings([http(destination)])
+    settings = make_settings([http_integration(destination)])
     client = await aiohttp_client(create_app(settings))
-    event_id = await post(client, sample_body)
+    event_id = await post_event(client, sample_body)
     await start_worker(settings)
     ins = inspector(settings, redis)
     await eventually(ins.failures)
@@ -261,9 +245,9 @@ async def test_delivered_pair_never_sent_again_by_a_duplicate_job(
     redis: Redis,
 ) -> None:
     """If the event's job is queued again after success (a redelivery of the job), nothing is sent."""
-    settings = make_settings([http(destination)])
+    settings = make_settings([http_integration(destination)])
     client = await aiohttp_client(create_app(settings))
-    event_id = await post(client, sample_body)
+    event_id = await post_event(client, sample_body)
     worker = await start_worker(settings)
     await destination.wait_for_requests(1)
     keys = Keys(settings.redis.prefix)
@@ -271,21 +255,17 @@ async def test_delivered_pair_never_sent_again_by_a_duplicate_job(
     store = Store(redis, keys, settings.retention)
     await store.enqueue_deliver(event_id, "lms")
     await worker.pool.enqueue_job("handle_event", event_id, _job_id=keys.handle_job_id(event_id))
-    await eventually(lambda: _queue_empty(redis, keys))
+    await eventually(lambda: queue_empty(redis, keys))
     assert len(destination.requests) == 1
-
-
-async def _queue_empty(redis: Redis, keys: Keys) -> bool:
-    return await redis.zcard(keys.queue) == 0
 
 
 async def test_two_workers_deliver_each_event_once(
     aiohttp_client: Any, make_settings: Any, start_worker: Any, destination: Destination, sample_body: bytes
 ) -> None:
     """Two workers draining one queue deliver every event exactly once."""
-    settings = make_settings([http(destination)])
+    settings = make_settings([http_integration(destination)])
     client = await aiohttp_client(create_app(settings))
-    ids = {await post(client, variant(sample_body, f"att_{i}")) for i in range(200)}
+    ids = {await post_event(client, with_attempt(sample_body, f"att_{i}")) for i in range(200)}
     await start_worker(settings)
     await start_worker(settings)
     requests = await destination.wait_for_requests(200)
@@ -308,10 +288,13 @@ async def test_one_failing_integration_does_not_affect_another(
     destination.responses = [(500, {})] * 3
     sink = tmp_path / "out.jsonl"
     settings = make_settings(
-        [http(destination, max_attempts=3), {"name": "archive", "type": "file", "path": str(sink)}]
+        [
+            http_integration(destination, max_attempts=3),
+            {"name": "archive", "type": "file", "path": str(sink)},
+        ]
     )
     client = await aiohttp_client(create_app(settings))
-    event_id = await post(client, sample_body)
+    event_id = await post_event(client, sample_body)
     await start_worker(settings)
     rows = await eventually(inspector(settings, redis).failures)
     assert [r.integration for r in rows] == ["lms"]
@@ -332,14 +315,14 @@ async def test_file_integration_one_line_per_event(
     sink = tmp_path / "deliveries.jsonl"
     settings = make_settings([{"name": "local-file", "type": "file", "path": str(sink)}])
     client = await aiohttp_client(create_app(settings))
-    ids = [await post(client, variant(sample_body, f"att_{i}")) for i in range(20)]
+    ids = [await post_event(client, with_attempt(sample_body, f"att_{i}")) for i in range(20)]
     for _ in range(3):
         assert (
-            await client.post(WEBHOOK_PATH, data=variant(sample_body, "att_0"), headers=AUTH)
+            await client.post(WEBHOOK_PATH, data=with_attempt(sample_body, "att_0"), headers=WEBHOOK_HEADERS)
         ).status == 200
     await start_worker(settings)
     keys = Keys(settings.redis.prefix)
-    await eventually(lambda: _queue_empty(redis, keys))
+    await eventually(lambda: queue_empty(redis, keys))
     lines = [json.loads(line) for line in sink.read_bytes().splitlines()]
     assert sorted(line["event_id"] for line in lines) == sorted(ids)
     assert lines[0]["payload"]["exam"]["id"] == "exm_maths_2026"
@@ -374,15 +357,15 @@ async def test_newer_release_supersedes_a_waiting_older_one(
     redis: Redis,
 ) -> None:
     """A re-release received while the older release still waits in the queue: only the newer is delivered."""
-    settings = make_settings([http(destination)])
+    settings = make_settings([http_integration(destination)])
     client = await aiohttp_client(create_app(settings))
-    old = await post(client, variant(sample_body, "att_x", "2026-11-23T09:00:00.000Z"))
-    new = await post(client, variant(sample_body, "att_x", "2026-11-24T09:00:00.000Z"))
+    old = await post_event(client, with_attempt(sample_body, "att_x", "2026-11-23T09:00:00.000Z"))
+    new = await post_event(client, with_attempt(sample_body, "att_x", "2026-11-24T09:00:00.000Z"))
     await start_worker(settings)
     [request] = await destination.wait_for_requests(1)
     assert request.headers["Idempotency-Key"] == new
     keys = Keys(settings.redis.prefix)
-    await eventually(lambda: _queue_empty(redis, keys))
+    await eventually(lambda: queue_empty(redis, keys))
     assert len(destination.requests) == 1
     assert (await redis.hget(keys.pair(old, "lms"), "status")) == b"superseded"
 
@@ -397,17 +380,17 @@ async def test_older_release_retrying_is_dropped_when_newer_arrives(
 ) -> None:
     """An older release waiting for a retry is not delivered after a newer release arrives."""
     destination.responses = [(503, {"Retry-After": "1"})]
-    settings = make_settings([http(destination)])
+    settings = make_settings([http_integration(destination)])
     client = await aiohttp_client(create_app(settings))
-    old = await post(client, variant(sample_body, "att_y", "2026-11-23T09:00:00.000Z"))
+    old = await post_event(client, with_attempt(sample_body, "att_y", "2026-11-23T09:00:00.000Z"))
     await start_worker(settings)
     [first] = await destination.wait_for_requests(1)
     assert first.headers["Idempotency-Key"] == old
-    new = await post(client, variant(sample_body, "att_y", "2026-11-24T09:00:00.000Z"))
+    new = await post_event(client, with_attempt(sample_body, "att_y", "2026-11-24T09:00:00.000Z"))
     requests = await destination.wait_for_requests(2)
     assert requests[1].headers["Idempotency-Key"] == new
     keys = Keys(settings.redis.prefix)
-    await eventually(lambda: _queue_empty(redis, keys), timeout=5)
+    await eventually(lambda: queue_empty(redis, keys), timeout=5)
     assert [r.headers["Idempotency-Key"] for r in destination.requests] == [old, new]
 
 
@@ -420,9 +403,9 @@ async def test_event_matching_no_integration_is_recorded(
     redis: Redis,
 ) -> None:
     """An event that matches no integration's filter is recorded as unmatched, not silently dropped."""
-    settings = make_settings([http(destination, when={"exam_ids": ["some-other-exam"]})])
+    settings = make_settings([http_integration(destination, when={"exam_ids": ["some-other-exam"]})])
     client = await aiohttp_client(create_app(settings))
-    event_id = await post(client, sample_body)
+    event_id = await post_event(client, sample_body)
     await start_worker(settings)
     keys = Keys(settings.redis.prefix)
     await eventually(lambda: redis.zscore(keys.unmatched, event_id))
@@ -449,9 +432,9 @@ async def test_worker_sigkilled_mid_delivery_still_delivers(
         f'[[integrations]]\nname = "lms"\ntype = "http"\nurl = "{destination.url}"\ntimeout_seconds = 1\n'
         "backoff_base_seconds = 0.05\nbackoff_max_seconds = 0.1\n"
     )
-    settings = make_settings([http(destination)])
+    settings = make_settings([http_integration(destination)])
     client = await aiohttp_client(create_app(settings))
-    event_id = await post(client, sample_body)
+    event_id = await post_event(client, sample_body)
     env = {**os.environ, "EXAMHOOK_CONFIG": str(config), "EXAMHOOK_LOG_LEVEL": "warning"}
     env.pop("EXAMHOOK_REDIS_URL", None)
     first = subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], env=env)
@@ -489,10 +472,10 @@ async def test_worker_serves_its_own_metrics(
 
     port = unused_tcp_port_factory()
     settings = make_settings(
-        [http(destination)], worker={"metrics_port": port, "health_check_interval_seconds": 1}
+        [http_integration(destination)], worker={"metrics_port": port, "health_check_interval_seconds": 1}
     )
     client = await aiohttp_client(create_app(settings))
-    await post(client, sample_body)
+    await post_event(client, sample_body)
     await start_worker(settings)
     await destination.wait_for_requests(1)
 

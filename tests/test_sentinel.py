@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +14,7 @@ from redis.exceptions import RedisError
 from ingest.app import WEBHOOK_PATH, create_app
 from shared.redis_conn import arq_redis_settings, parse_sentinel_url
 from shared.settings import ConfigError, settings_from_dict
-from tests.conftest import Destination
-
-AUTH = {
-    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
-    "Content-Type": "application/json",
-}
+from tests.conftest import WEBHOOK_HEADERS, Destination
 
 
 def test_sentinel_url_parsing() -> None:
@@ -93,7 +87,7 @@ async def test_receiver_and_worker_through_sentinel(
         [{"name": "lms", "type": "http", "url": destination.url}], redis={"url": sentinel, "prefix": prefix}
     )
     client = await aiohttp_client(create_app(settings))
-    response = await client.post(WEBHOOK_PATH, data=sample_body, headers=AUTH)
+    response = await client.post(WEBHOOK_PATH, data=sample_body, headers=WEBHOOK_HEADERS)
     assert response.status == 202
     event_id = (await response.json())["event_id"]
     await start_worker(settings)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import os
 import signal
 import subprocess
@@ -17,14 +15,9 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.contract import Keys
-from tests.conftest import Destination, eventually
+from tests.conftest import WEBHOOK_HEADERS, Destination, eventually, post_event, with_attempt
 
 pytestmark = pytest.mark.slow
-
-AUTH = {
-    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
-    "Content-Type": "application/json",
-}
 
 
 def write_config(
@@ -55,12 +48,6 @@ async def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int:
     return await asyncio.wait_for(asyncio.to_thread(process.wait), timeout)
 
 
-def variant(body: bytes, i: int) -> bytes:
-    data = json.loads(body)
-    data["attempt"]["id"] = f"att_shutdown_{i}"
-    return json.dumps(data).encode()
-
-
 async def test_receiver_sigterm_never_accepts_and_loses(
     tmp_path: Path,
     redis_url: str,
@@ -89,7 +76,9 @@ async def test_receiver_sigterm_never_accepts_and_loses(
             async def post(i: int) -> tuple[int, str | None]:
                 try:
                     async with session.post(
-                        url + "/webhooks/exam-results-released", data=variant(sample_body, i), headers=AUTH
+                        url + "/webhooks/exam-results-released",
+                        data=with_attempt(sample_body, f"att_shutdown_{i}"),
+                        headers=WEBHOOK_HEADERS,
                     ) as r:
                         answer = await r.json() if r.status < 300 else {}
                         return r.status, answer.get("event_id")
@@ -135,9 +124,7 @@ async def test_worker_sigterm_finishes_running_delivery(
     destination.hang = 1.0
     config = write_config(tmp_path / "c.toml", redis_url, prefix, destination, grace=20)
     client = await aiohttp_client(create_app(make_settings()))
-    event_id = (
-        await (await client.post("/webhooks/exam-results-released", data=sample_body, headers=AUTH)).json()
-    )["event_id"]
+    event_id = await post_event(client, sample_body)
     worker = spawn(config, "worker")
     try:
         await destination.wait_for_requests(1, timeout=20)
@@ -169,9 +156,7 @@ async def test_worker_sigterm_requeues_without_spending_an_attempt(
     destination.hang = 30.0
     config = write_config(tmp_path / "c.toml", redis_url, prefix, destination, grace=1)
     client = await aiohttp_client(create_app(make_settings()))
-    event_id = (
-        await (await client.post("/webhooks/exam-results-released", data=sample_body, headers=AUTH)).json()
-    )["event_id"]
+    event_id = await post_event(client, sample_body)
     worker = spawn(config, "worker")
     try:
         await destination.wait_for_requests(1, timeout=20)
