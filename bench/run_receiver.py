@@ -4,7 +4,8 @@
     python bench/run_receiver.py --kind bare --port 8080   # baseline: read body, answer 202
 
 Logging is configured exactly as the CLI does (``configure_logging(settings.log_level)``,
-JSON lines on stderr), so the product's per-request log line is part of the cost.
+JSON lines on stderr), so the product's per-batch log line is part of the cost, and the
+garbage collector is tuned as the CLI tunes it (``shared.process.tune_gc``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def main() -> None:
             from _common import buffer_log_output
 
             app.cleanup_ctx.append(buffer_log_output())
+        from shared.process import tune_gc
+
+        tune_gc()  # as `examhook receive` does
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
 
 

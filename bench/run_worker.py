@@ -96,6 +96,10 @@ def main() -> None:
         }
     asyncio.set_event_loop(asyncio.new_event_loop())
     worker = Worker(**kwargs)
+    if args.kind == "examhook":
+        from shared.process import tune_gc
+
+        tune_gc()  # as `examhook worker` does
     worker.run()
     marks["end"] = time.time()
     marks["rss_end"] = _proc.memory_info().rss

@@ -27,6 +27,7 @@ from cli.common import (
 )
 from shared.inspection import Inspector, iso
 from shared.logs import configure_logging
+from shared.process import tune_gc
 from shared.settings import Settings, masked
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -84,6 +85,7 @@ def receive(
     if not settings.auth_configured:
         log.warning("authentication is OFF (--no-auth): anyone can post results")
     app = create_app(settings, require_auth=not no_auth)
+    tune_gc()
     log.info("receiver listening", extra={"host": host, "port": port, "pid": os.getpid()})
     web.run_app(
         app,
@@ -135,7 +137,9 @@ def worker(concurrency: int | None, burst: bool, check: bool, config_path: str |
     configure_logging(settings.log_level)
     from worker.main import create_worker
 
-    create_worker(settings, burst=burst, concurrency=concurrency).run()
+    built = create_worker(settings, burst=burst, concurrency=concurrency)
+    tune_gc()
+    built.run()
 
 
 async def _worker_health(settings: Settings) -> int:
