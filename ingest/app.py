@@ -46,7 +46,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     store = Store(redis, Keys(settings.redis.prefix), settings.retention)
     app[REDIS] = redis
     app[STORE] = store
-    app[QUEUE] = GroupCommit(store, settings.receiver.max_batch, app[METRICS].batch_size.observe)
+    app[QUEUE] = GroupCommit(store, settings.receiver.max_batch, app[METRICS])
     yield
     # every request already waiting on Redis gets its answer before the client closes
     await app[QUEUE].drain()

@@ -4,22 +4,27 @@ Each request hands its event to :meth:`GroupCommit.submit` and waits for *its ow
 answer. While one batch is in flight, new events gather; the next batch takes them
 all (up to ``max_batch``). Under load that turns thousands of round trips into a few
 hundred, and a request is still answered only after Redis confirmed its write.
+
+Counting and logging happen here too, once per batch: a log line per request cost ~10%
+of the receiver's CPU, and the batch line still names every event it wrote.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
 
-from shared.contract import HANDLE_EVENT, encode_job
-from shared.store import Incoming, Store, now_ms
+from ingest.metrics import ReceiverMetrics
+from shared.store import Incoming, Store
+
+log = logging.getLogger("examhook.ingest")
 
 
 class GroupCommit:
-    def __init__(self, store: Store, max_batch: int, on_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(self, store: Store, max_batch: int, metrics: ReceiverMetrics) -> None:
         self.store = store
         self.max_batch = max_batch
-        self.on_batch = on_batch
+        self.metrics = metrics
         self._pending: list[tuple[Incoming, asyncio.Future[bool]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -41,14 +46,9 @@ class GroupCommit:
             while self._pending:
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
-                enqueued = now_ms()
                 events = [event for event, _ in batch]
-                jobs = [
-                    encode_job(HANDLE_EVENT, (e.event_id, e.attempt_id, e.released_ms), enqueued)
-                    for e in events
-                ]
                 try:
-                    results = await self.store.accept_batch(events, jobs)
+                    results = await self.store.accept_batch(events)
                 except BaseException as exc:  # every waiter learns of the failure
                     for _, future in batch:
                         if not future.done():
@@ -56,10 +56,26 @@ class GroupCommit:
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
-                if self.on_batch is not None:
-                    self.on_batch(len(batch))
+                self._report(events, results)
                 for (_, future), accepted in zip(batch, results, strict=True):
                     if not future.done():
                         future.set_result(accepted)
         finally:
             self._flusher = None
+
+    def _report(self, events: list[Incoming], results: list[bool]) -> None:
+        metrics = self.metrics
+        metrics.batch_size.observe(len(events))
+        accepted = sum(results)
+        metrics.accepted.inc(accepted)
+        metrics.duplicate.inc(len(events) - accepted)
+        if log.isEnabledFor(logging.INFO):
+            # ids only: event ids are hashes, attempt ids Synap's opaque ids; no personal data
+            pairs = list(zip(events, results, strict=True))
+            log.info(
+                "queued",
+                extra={
+                    "accepted": {e.event_id: e.attempt_id for e, ok in pairs if ok},
+                    "duplicate": [e.event_id for e, ok in pairs if not ok],
+                },
+            )

@@ -104,14 +104,10 @@ async def _receive(request: web.Request) -> web.Response:
     except (RedisError, OSError) as exc:
         log.error("queue unavailable: %s", exc.__class__.__name__, extra={"event_id": incoming.event_id})
         return queue_unavailable()
-    metrics = app[METRICS]
-    metrics.enqueue_seconds.observe(time.perf_counter() - started)
+    app[METRICS].enqueue_seconds.observe(time.perf_counter() - started)
+    # counted and logged per batch by the group commit
     if accepted:
-        metrics.accepted.inc()
-        log.info("accepted", extra={"event_id": incoming.event_id, "attempt_id": event.attempt.id})
         return json_response({"status": "accepted", "event_id": incoming.event_id}, 202)
-    metrics.duplicate.inc()
-    log.info("duplicate", extra={"event_id": incoming.event_id})
     return json_response({"status": "duplicate", "event_id": incoming.event_id}, 200)
 
 

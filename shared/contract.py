@@ -25,14 +25,20 @@ P:stats                 hash       counters (accepted, duplicate, rejected, ...)
 ======================  =========  =====================================================
 
 Jobs are arq jobs serialised with msgpack (see :func:`encode_job`):
-``handle_event(E, attempt_id, released_ms)`` fans an event out to its integrations
-(job id ``P:E``; the last two arguments are optional and spare a round trip) and
-``deliver(E, I)`` retries one pair (job id ``P:E:I``).
+
+* ``handle_events([[E, attempt_id, released_ms], ...])`` fans up to
+  :data:`MAX_EVENTS_PER_JOB` events out to their integrations: the first attempt of every
+  pair. The receiver writes one per chunk of the events one group commit accepted (job id
+  ``P:b<count>-<token>``), so a burst costs arq's per-job work once per chunk, not per event.
+* ``deliver(E, I)`` retries one pair (job id ``P:E:I``).
+* ``handle_event(E, attempt_id, released_ms)`` (job id ``P:E``) is the one-event form, still
+  run for jobs queued by an earlier version.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,7 +47,14 @@ import msgspec
 from shared.payload import ExamResultsReleased
 
 HANDLE_EVENT = "handle_event"
+HANDLE_EVENTS = "handle_events"
 DELIVER = "deliver"
+
+# Events per fan-out job. Each job's events are sent at once, so a worker has up to
+# ``concurrency`` x this many deliveries in flight; at most 15 (see ingest.lua).
+MAX_EVENTS_PER_JOB = 8
+
+_FANOUT_JOB_RE = re.compile(r"b(\d+)-")
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _msgpack_decoder = msgspec.msgpack.Decoder()
@@ -77,6 +90,22 @@ def encode_job(
 ) -> bytes:
     """An arq job exactly as ``arq.jobs.serialize_job`` would write it with our serializer."""
     return _msgpack_encoder.encode({"t": job_try, "f": function, "a": args, "k": {}, "et": enqueue_time_ms})
+
+
+def fanout_job_template(enqueue_time_ms: int) -> tuple[bytes, bytes]:
+    """A ``handle_events`` job cut where its event list goes: ingest.lua writes the list
+    (a msgpack array of the pre-encoded ``[E, attempt_id, released_ms]`` of every accepted
+    event) between the two halves."""
+    marker = "\x00events\x00"
+    job = encode_job(HANDLE_EVENTS, (marker,), enqueue_time_ms)
+    head, found, tail = job.partition(_msgpack_encoder.encode(marker))
+    assert found and tail
+    return head, tail
+
+
+def fanout_entry(event_id: str, attempt_id: str, released: int) -> bytes:
+    """One event of a ``handle_events`` job, msgpack-encoded."""
+    return _msgpack_encoder.encode((event_id, attempt_id, released))
 
 
 def job_serializer(obj: Any) -> bytes:
@@ -125,13 +154,32 @@ class Keys:
         return f"{self.prefix}:rejected:{reject_id}"
 
     def handle_job_id(self, event_id: str) -> str:
+        """The one-event fan-out job of earlier versions (see :data:`HANDLE_EVENT`)."""
         return f"{self.prefix}:{event_id}"
+
+    def fanout_job_prefix(self, count: int) -> str:
+        """A ``handle_events`` job id is this plus a unique suffix (the count is for ``queue``)."""
+        return f"{self.prefix}:b{count}-"
+
+    def is_fanout_batch(self, job_id: str) -> bool:
+        """A ``handle_events`` job id (see :meth:`fanout_job_prefix`)?"""
+        return _FANOUT_JOB_RE.match(job_id, len(self.prefix) + 1) is not None and job_id.startswith(
+            self.prefix + ":"
+        )
+
+    def fanout_job_events(self, job_id: str) -> int:
+        """How many events a fan-out job id carries (1 for the one-event form), 0 for others."""
+        rest = job_id[len(self.prefix) + 1 :]
+        match = _FANOUT_JOB_RE.match(rest)
+        if match is not None:
+            return int(match[1])
+        return 0 if ":" in rest else 1
 
     def deliver_job_id(self, event_id: str, integration: str) -> str:
         return f"{self.prefix}:{event_id}:{integration}"
 
     def parse_job_id(self, job_id: str) -> tuple[str, str | None]:
-        """(event id, integration or None) from a job id of ours."""
+        """(event id, integration) of a ``deliver`` job; integration None for fan-out jobs."""
         rest = job_id[len(self.prefix) + 1 :]
         event, _, integration = rest.partition(":")
         return event, integration or None

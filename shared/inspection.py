@@ -13,7 +13,7 @@ from typing import Any, cast
 import msgspec
 from redis.asyncio import Redis
 
-from shared.contract import pair_member, split_pair_member
+from shared.contract import Keys, job_deserializer, pair_member, split_pair_member
 from shared.payload import decoder
 from shared.store import Rejected, Store, now_ms
 
@@ -30,6 +30,19 @@ def iso(ms: int | str | bytes | None) -> str | None:
 
 
 # redis-py types its commands as "result or awaitable of it"; the asyncio client awaits.
+async def queued_fanout_jobs(redis: Redis, keys: Keys) -> dict[str, list[str]]:
+    """Fan-out jobs in the queue (running ones included) and the event ids each carries."""
+    jobs: dict[str, list[str]] = {}
+    for raw_id in await redis.zrange(keys.queue, 0, -1):
+        job_id = raw_id.decode()
+        if keys.is_fanout_batch(job_id):
+            raw = await redis.get(f"arq:job:{job_id}")
+            jobs[job_id] = [entry[0] for entry in job_deserializer(raw)["a"][0]] if raw else []
+        elif keys.fanout_job_events(job_id):  # the one-event form: the id names the event
+            jobs[job_id] = [keys.parse_job_id(job_id)[0]]
+    return jobs
+
+
 async def _hgetall(redis: Redis, key: str) -> dict[bytes, bytes]:
     return await cast(Awaitable[dict[bytes, bytes]], redis.hgetall(key))
 
@@ -82,8 +95,10 @@ class Inspector:
                 state = "scheduled_retries"
             else:
                 state = "queued"
-            totals[state] += 1
-            bucket(name)[state] += 1
+            # a fan-out job counts as the events it carries; a retry job as its one pair
+            count = 1 if integration else k.fanout_job_events(job_id)
+            totals[state] += count
+            bucket(name)[state] += count
         failures = await self.redis.zrange(k.failures, 0, -1)
         for member in failures:
             _, integration = split_pair_member(member.decode())

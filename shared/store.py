@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 
-from shared.contract import DELIVER, Keys, encode_job
+from shared.contract import DELIVER, MAX_EVENTS_PER_JOB, Keys, encode_job, fanout_entry, fanout_job_template
 from shared.settings import RetentionConfig
 
 
@@ -106,17 +106,29 @@ class Store:
 
     # -- receiver ----------------------------------------------------------------------
 
-    async def accept_batch(self, events: list[Incoming], jobs: list[bytes]) -> list[bool]:
-        """Queue events (with their pre-encoded arq jobs); True = accepted, False = duplicate."""
+    async def accept_batch(self, events: list[Incoming]) -> list[bool]:
+        """Queue events, in ``handle_events`` jobs; True = accepted, False = duplicate."""
+        now = now_ms()
+        head, tail = fanout_job_template(now)
         args: list[Any] = [
             self.keys.prefix,
-            now_ms(),
+            now,
             self.retention.dedup_window_seconds * 1000,
             self.payload_ttl_ms,
             self.delivered_ttl_ms,  # the newest-release marker outlives any older release's records
+            MAX_EVENTS_PER_JOB,
+            head,
+            tail,
+            secrets.token_hex(6),
         ]
-        for event, job in zip(events, jobs, strict=True):
-            args += [event.event_id, event.attempt_id, event.released_ms, event.body, job]
+        for e in events:
+            args += [
+                e.event_id,
+                e.attempt_id,
+                e.released_ms,
+                e.body,
+                fanout_entry(e.event_id, e.attempt_id, e.released_ms),
+            ]
         result = await self._ingest(args=args)
         return [bool(r) for r in result]
 

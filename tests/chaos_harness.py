@@ -45,6 +45,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from shared.contract import Keys
+from shared.inspection import queued_fanout_jobs
 from tests.conftest import eventually
 
 REPO = Path(__file__).resolve().parent.parent
@@ -508,8 +509,10 @@ async def _verify(
     seen = {r.key for r in destination.requests}
 
     report.undelivered = list(last["undelivered"])
+    fanout = await queued_fanout_jobs(redis, keys)
+    queued = {event_id for events in fanout.values() for event_id in events}
     for event_id in report.undelivered:
-        if await _orphaned(redis, keys, event_id):
+        if await _orphaned(redis, keys, event_id, queued):
             report.orphaned.append(event_id)
     if report.undelivered:
         sample = report.undelivered[:3]
@@ -540,15 +543,18 @@ async def _verify(
     report.problems += cluster.crashed()
 
 
-async def _orphaned(redis: Redis, keys: Keys, event_id: str) -> bool:
+async def _orphaned(redis: Redis, keys: Keys, event_id: str, in_fanout_jobs: set[str]) -> bool:
     """Not delivered, and no job for it is left in the queue: nothing will ever deliver it."""
-    jobs = [keys.handle_job_id(event_id), keys.deliver_job_id(event_id, INTEGRATION)]
-    return all([await redis.zscore(keys.queue, j) is None for j in jobs])
+    if event_id in in_fanout_jobs:
+        return False
+    return await redis.zscore(keys.queue, keys.deliver_job_id(event_id, INTEGRATION)) is None
 
 
 async def _diagnose(redis: Redis, keys: Keys, event_id: str) -> str:
     pair = await redis.hgetall(keys.pair(event_id, INTEGRATION))
-    handle, deliver = keys.handle_job_id(event_id), keys.deliver_job_id(event_id, INTEGRATION)
+    fanout = await queued_fanout_jobs(redis, keys)
+    handle = next((job for job, events in fanout.items() if event_id in events), "(none)")
+    deliver = keys.deliver_job_id(event_id, INTEGRATION)
     facts = {
         "pair": {k.decode(): v.decode() for k, v in pair.items()},
         "attempts": [a.decode() for a in await redis.lrange(keys.attempts(event_id, INTEGRATION), 0, -1)],

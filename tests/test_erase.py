@@ -10,9 +10,12 @@ from redis.asyncio import Redis
 
 from cli.main import cli
 from ingest.app import WEBHOOK_PATH, create_app
-from shared.contract import Keys
+from shared.contract import Keys, released_ms
+from shared.contract import event_id as event_id_of
 from shared.erasure import erase_learner
-from shared.store import Store
+from shared.inspection import queued_fanout_jobs
+from shared.payload import decoder
+from shared.store import Incoming, Store
 from tests.conftest import WEBHOOK_HEADERS, Destination, eventually
 
 
@@ -117,3 +120,45 @@ async def _invoke(runner: CliRunner, args: list[str]) -> Any:
 async def _delivered_count(redis: Redis, prefix: str, count: int) -> bool:
     found = [k async for k in redis.scan_iter(match=f"{prefix}:delivered:*")]
     return len(found) >= count and await redis.zcard(Keys(prefix).queue) == 0
+
+
+async def test_erase_takes_the_learner_out_of_a_shared_fanout_job(
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+    prefix: str,
+) -> None:
+    """A queued fan-out job carrying several learners' events goes back to the queue without
+    the erased learner's event (no key or job names it any more); the others are still delivered."""
+    settings = make_settings([{"name": "lms", "type": "http", "url": destination.url}])
+    keys = Keys(prefix)
+    store = Store(redis, keys, settings.retention)
+    bodies = [
+        learner_event(sample_body, "usr_ada", "ada@example.org", "att_1"),
+        learner_event(sample_body, "usr_bob", "bob@example.org", "att_2"),
+        learner_event(sample_body, "usr_cy", "cy@example.org", "att_3"),
+    ]
+    incoming = []
+    for body in bodies:
+        event = decoder.decode(body)
+        incoming.append(Incoming(event_id_of(event), event.attempt.id, released_ms(event), body))
+    assert await store.accept_batch(incoming) == [True, True, True]  # one group commit: one job
+    ada, bob, cy = (i.event_id for i in incoming)
+    assert list((await queued_fanout_jobs(redis, keys)).values()) == [[ada, bob, cy]]
+
+    report = await erase_learner(store, user_id="usr_ada")
+    assert report.events == [ada] and report.queued_jobs_removed == 1
+    jobs = await queued_fanout_jobs(redis, keys)
+    assert list(jobs.values()) == [[bob, cy]]
+    assert keys.fanout_job_events(next(iter(jobs))) == 2  # `examhook queue` counts the two left
+    assert not [k for k in await all_keys(redis, prefix) if ada in k]
+    for job_id in jobs:
+        assert b"usr_ada" not in (await redis.get(f"arq:job:{job_id}") or b"")
+
+    await start_worker(settings)
+    requests = await destination.wait_for_requests(2)
+    await eventually(lambda: _delivered_count(redis, prefix, 2))
+    assert sorted(r.headers["Idempotency-Key"] for r in requests) == sorted([bob, cy])
+    assert not [k for k in await all_keys(redis, prefix) if ada in k]  # nothing recreated

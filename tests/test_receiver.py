@@ -16,8 +16,10 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from ingest.app import WEBHOOK_PATH, create_app
-from shared.contract import Keys
-from shared.settings import Settings
+from shared.contract import MAX_EVENTS_PER_JOB, Keys
+from shared.inspection import Inspector, queued_fanout_jobs
+from shared.settings import RetentionConfig, Settings
+from shared.store import Store
 
 AUTH = {"Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode()}
 JSON = {"Content-Type": "application/json", **AUTH}
@@ -62,8 +64,7 @@ async def test_new_event_is_accepted_and_queued(
     event_id = answer["event_id"]
     keys = Keys(prefix)
     assert await redis.get(keys.event(event_id)) == sample_body  # exactly as received
-    assert await redis.zscore(keys.queue, keys.handle_job_id(event_id)) is not None
-    assert await redis.exists(f"arq:job:{keys.handle_job_id(event_id)}")
+    assert list((await queued_fanout_jobs(redis, keys)).values()) == [[event_id]]  # its fan-out job
     assert 0 < await redis.pttl(keys.event(event_id)) <= 7 * 86_400_000
 
 
@@ -303,13 +304,24 @@ async def test_concurrent_requests_each_get_their_own_answer(
     client: Any, sample_body: bytes, redis: Redis, prefix: str
 ) -> None:
     """Many concurrent posts (coalesced into few Redis calls) each get the right answer:
-    distinct events accepted once, their repeats reported as duplicates."""
+    distinct events accepted once, their repeats reported as duplicates; every accepted
+    event is in exactly one fan-out job of at most MAX_EVENTS_PER_JOB events, and the
+    queue counts events, not jobs."""
     bodies = [edited(sample_body, attempt__id=f"att_{i % 50}") for i in range(150)]
     responses = await asyncio.gather(*(client.post(WEBHOOK_PATH, data=b, headers=JSON) for b in bodies))
     statuses = [r.status for r in responses]
     assert statuses.count(202) == 50
     assert statuses.count(200) == 100
-    assert await redis.zcard(Keys(prefix).queue) == 50
+    accepted = sorted([(await r.json())["event_id"] for r in responses if r.status == 202])
+    keys = Keys(prefix)
+    jobs = await queued_fanout_jobs(redis, keys)
+    assert sorted(e for events in jobs.values() for e in events) == accepted
+    assert all(0 < len(events) <= MAX_EVENTS_PER_JOB for events in jobs.values())
+    assert len(jobs) < 50  # coalesced: fewer jobs than events
+    for job_id, events in jobs.items():
+        assert keys.fanout_job_events(job_id) == len(events)
+    store = Store(redis, keys, RetentionConfig())
+    assert (await Inspector(store).counts())["queued"] == 50
 
 
 # -- Redis outages ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.contract import Keys
+from shared.inspection import queued_fanout_jobs
 from tests.conftest import WEBHOOK_HEADERS, Destination, eventually, post_event, with_attempt
 
 pytestmark = pytest.mark.slow
@@ -168,7 +169,7 @@ async def test_worker_sigterm_requeues_without_spending_an_attempt(
     keys = Keys(prefix)
     assert not await redis.exists(keys.delivered(event_id, "lms"))
     assert await redis.hget(keys.pair(event_id, "lms"), "attempts") in (None, b"0")
-    assert await redis.zscore(keys.queue, keys.handle_job_id(event_id)) is not None  # back in the queue
+    assert [event_id] in (await queued_fanout_jobs(redis, keys)).values()  # back in the queue
     destination.hang = 0
     second = spawn(config, "worker")
     try:

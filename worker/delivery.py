@@ -61,6 +61,22 @@ class Deliverer:
         if self._recording:
             await asyncio.wait(set(self._recording), timeout=10)
 
+    async def handle_events(self, events: list[tuple[str, str, int]]) -> str:
+        """The ``handle_events`` job: :meth:`handle_event` for each of its events, all at once.
+
+        Every event runs to its end even if another fails (nothing is left running unowned);
+        then a failure fails the job, which runs again: events already attempted are skipped
+        by their claims, the rest are sent.
+        """
+        results = await asyncio.gather(
+            *(self.handle_event(e, attempt_id, released) for e, attempt_id, released in events),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return f"{len(results)} events"
+
     async def handle_event(
         self, event_id: str, attempt_id: str | None = None, released: int | None = None
     ) -> str:

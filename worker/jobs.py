@@ -51,6 +51,11 @@ async def handle_event(
     return await _guarded(ctx, "handle_event", deliverer.handle_event(event_id, attempt_id, released_ms))
 
 
+async def handle_events(ctx: dict[str, Any], events: list[tuple[str, str, int]]) -> str:
+    deliverer: Deliverer = ctx["deliverer"]
+    return await _guarded(ctx, "handle_events", deliverer.handle_events(events))
+
+
 async def deliver(ctx: dict[str, Any], event_id: str, integration: str) -> str:
     deliverer: Deliverer = ctx["deliverer"]
     outcome = await _guarded(ctx, "deliver", deliverer.deliver(event_id, integration))

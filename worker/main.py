@@ -9,7 +9,7 @@ import aiohttp
 from arq import func
 from arq.worker import Worker
 
-from shared.contract import DELIVER, HANDLE_EVENT, Keys, job_deserializer, job_serializer
+from shared.contract import DELIVER, HANDLE_EVENT, HANDLE_EVENTS, Keys, job_deserializer, job_serializer
 from shared.redis_conn import arq_redis_settings, close_sentinels
 from shared.settings import Settings
 from shared.store import Store
@@ -77,6 +77,7 @@ def worker_settings(
     keys = Keys(settings.redis.prefix)
     return {
         "functions": [
+            func(jobs.handle_events, name=HANDLE_EVENTS),
             func(jobs.handle_event, name=HANDLE_EVENT),
             func(jobs.deliver, name=DELIVER),
         ],
