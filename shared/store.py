@@ -15,6 +15,8 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, ResponseError
 
 from shared.contract import DELIVER, MAX_EVENTS_PER_JOB, Keys, encode_job, fanout_entry, fanout_job_template
 from shared.settings import RetentionConfig
@@ -26,6 +28,15 @@ def _script(name: str) -> str:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _resp(args: list[Any]) -> bytes:
+    """One command in RESP (bytes, str and int arguments)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        out += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +140,27 @@ class Store:
                 e.body,
                 fanout_entry(e.event_id, e.attempt_id, e.released_ms),
             ]
-        result = await self._ingest(args=args)
+        result = await self._evalsha_packed(self._ingest, args)
         return [bool(r) for r in result]
+
+    async def _evalsha_packed(self, script: AsyncScript, args: list[Any]) -> Any:
+        """``script(args=args)``, with the command packed here and sent on a pooled connection.
+
+        The receiver's batch has five arguments per event; redis-py's general packer and
+        command path cost ~12 µs per event more than this (a tenth of the receiver's CPU).
+        """
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()
+        try:
+            try:
+                return await _command(connection, ["EVALSHA", script.sha, 0, *args])
+            except NoScriptError:
+                # a restarted or another server: load the script, then once more
+                sha = await _command(connection, ["SCRIPT", "LOAD", script.script])
+                script.sha = sha.decode() if isinstance(sha, bytes) else sha
+                return await _command(connection, ["EVALSHA", script.sha, 0, *args])
+        finally:
+            await pool.release(connection)
 
     async def quarantine(self, rejected: Rejected) -> None:
         """Keep a rejected body, bounded in count and time."""
@@ -274,6 +304,18 @@ class Store:
                 args += [event_id, integration]
             removed += int(await self._purge(args=args))
         return removed
+
+
+async def _command(connection: Any, command: list[Any]) -> Any:
+    try:
+        await connection.send_packed_command(_resp(command))
+        return await connection.read_response()
+    except ResponseError:
+        raise  # an error reply: the connection is fine
+    except BaseException:
+        # a reply may still be on its way (timeout, cancellation): never reuse the connection
+        await connection.disconnect()
+        raise
 
 
 def new_token() -> str:

@@ -324,6 +324,21 @@ async def test_concurrent_requests_each_get_their_own_answer(
     assert (await Inspector(store).counts())["queued"] == 50
 
 
+async def test_scripts_flushed_on_the_server_are_loaded_again(
+    client: Any, sample_body: bytes, redis: Redis, prefix: str
+) -> None:
+    """A Redis that lost its scripts (restart, failover, SCRIPT FLUSH) still takes events:
+    the receiver loads its script again and the event is accepted, once."""
+    first = await client.post(WEBHOOK_PATH, data=sample_body, headers=JSON)
+    assert first.status == 202
+    await redis.script_flush()
+    second = await client.post(WEBHOOK_PATH, data=edited(sample_body, attempt__id="att_2"), headers=JSON)
+    assert second.status == 202
+    again = await client.post(WEBHOOK_PATH, data=edited(sample_body, attempt__id="att_2"), headers=JSON)
+    assert again.status == 200
+    assert await redis.hget(Keys(prefix).stats, "accepted") == b"2"
+
+
 # -- Redis outages ---------------------------------------------------------------------------
 
 
