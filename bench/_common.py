@@ -41,8 +41,23 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def sample_body() -> bytes:
-    return SAMPLE.read_bytes()
+def sample_body(pretty: bool = False) -> bytes:
+    """The sample event as senders write it (``JSON.stringify``: compact, 2,932 bytes: the
+    issue's "realistic ~3 KB payload"); ``pretty``: shared/sample.json as stored, indented
+    (5,726 bytes; the body of the 2026-11-27 runs)."""
+    raw = SAMPLE.read_bytes()
+    if pretty:
+        return raw
+    return json.dumps(json.loads(raw), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sample_body_file(pretty: bool = False) -> Path:
+    """:func:`sample_body` written to a temporary file (for wrk), removed at exit."""
+    directory = Path(tempfile.mkdtemp(prefix="examhook-bench-"))
+    atexit.register(shutil.rmtree, directory, True)
+    path = directory / ("sample-pretty.json" if pretty else "sample-compact.json")
+    path.write_bytes(sample_body(pretty))
+    return path
 
 
 def body_with_attempt(template: bytes, tag: str, n: int) -> bytes:

@@ -9,7 +9,8 @@ Variants (each with its own fresh Redis and data dir, AOF on):
   fastapi   FastAPI + pydantic + arq enqueue_job on uvicorn (bench/fastapi_app.py; appendfsync everysec)
   everysec  examhook receiver, Redis appendfsync everysec  (target: >= 70% of bare req/s, p99 <= 2x bare)
   always    examhook receiver, Redis appendfsync always    (target: >= 40% of bare req/s)
-Load: wrk, 64 connections, POSTing shared/sample.json with Basic auth and a unique attempt id
+Load: wrk, 64 connections, POSTing the sample event as senders write it (compact JSON,
+2,932 bytes; --pretty: the indented 5,726-byte shared/sample.json) with Basic auth and a unique attempt id
 per request (bench/wrk_post.lua). Receiver RSS is sampled with psutil during the measured run.
 """
 
@@ -32,7 +33,6 @@ import psutil
 from _common import (
     AUTH_B64,
     BENCH,
-    SAMPLE,
     WEBHOOK_PATH,
     Stack,
     free_port,
@@ -42,6 +42,7 @@ from _common import (
     parse_tagged_json,
     profile_summary,
     py_spy,
+    sample_body_file,
     settings_dict,
     table,
     verdict,
@@ -109,7 +110,7 @@ def run_wrk(port: int, seconds: float, tag: str, args: argparse.Namespace) -> di
         str(BENCH / "wrk_post.lua"),
         f"http://127.0.0.1:{port}{WEBHOOK_PATH}",
         "--",
-        str(SAMPLE),
+        str(args.body_file),
         tag,
         AUTH_B64,
     ]
@@ -233,14 +234,18 @@ def main() -> int:
     parser.add_argument("--profile-out", default=None, help="keep the raw py-spy profile at this path")
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     parser.add_argument("--redis-server", default=None, help="redis-server or valkey-server binary")
+    parser.add_argument(
+        "--pretty", action="store_true", help="post the indented 5,726-byte sample (as on 2026-11-27)"
+    )
     args = parser.parse_args()
+    args.body_file = sample_body_file(args.pretty)
     if args.quick:
         args.duration, args.warmup, args.rounds = 3.0, 1.0, 1
     if not shutil.which(args.wrk):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
         return 2
     install_signal_handlers()
-    body_size = SAMPLE.stat().st_size
+    body_size = args.body_file.stat().st_size
     print(f"# receiver benchmark | {machine()}")
     print(
         f"# wrk -t{args.threads} -c{args.connections}, {args.duration:g}s measured"

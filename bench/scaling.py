@@ -18,7 +18,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PY, Stack, free_port, http_ok, install_signal_handlers, machine, table, wait_for
+from _common import (
+    PY,
+    Stack,
+    free_port,
+    http_ok,
+    install_signal_handlers,
+    machine,
+    sample_body_file,
+    table,
+    wait_for,
+)
 from receiver import run_wrk
 
 
@@ -53,7 +63,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     parser.add_argument("--redis-server", default=None)
+    parser.add_argument("--pretty", action="store_true", help="post the indented 5,726-byte sample")
     args = parser.parse_args()
+    args.body_file = sample_body_file(args.pretty)
     print(f"# receiver scaling | {machine()}")
     runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
     for _ in range(args.rounds):
