@@ -134,13 +134,15 @@ class Destination:
 
     ``responses`` is consumed one per request (status, headers); when empty it answers 200.
     ``hang`` makes every request wait that many seconds before answering (it is recorded
-    on arrival).
+    on arrival). ``most_at_once``: the most requests it was answering at the same time.
     """
 
     url: str
     requests: list[Received] = field(default_factory=list)
     responses: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     hang: float = 0.0
+    most_at_once: int = 0
+    _at_once: int = 0
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -150,16 +152,21 @@ class Destination:
         return self.requests
 
     async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        async with self._arrived:
-            self.requests.append(Received(dict(request.headers), body, time.monotonic()))
-            self._arrived.notify_all()
-        if self.hang:
-            # wait out the hang, or until the fixture shuts down
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self.hang)
-        status, headers = self.responses.pop(0) if self.responses else (200, {})
-        return web.Response(status=status, headers=headers, text="ok" if status < 300 else "nope")
+        self._at_once += 1
+        self.most_at_once = max(self.most_at_once, self._at_once)
+        try:
+            body = await request.read()
+            async with self._arrived:
+                self.requests.append(Received(dict(request.headers), body, time.monotonic()))
+                self._arrived.notify_all()
+            if self.hang:
+                # wait out the hang, or until the fixture shuts down
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), self.hang)
+            status, headers = self.responses.pop(0) if self.responses else (200, {})
+            return web.Response(status=status, headers=headers, text="ok" if status < 300 else "nope")
+        finally:
+            self._at_once -= 1
 
 
 @pytest.fixture

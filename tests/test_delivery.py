@@ -18,10 +18,11 @@ import pytest
 from redis.asyncio import Redis
 
 from ingest.app import WEBHOOK_PATH, create_app
-from shared.contract import Keys, pair_member
+from shared.contract import MAX_EVENTS_PER_JOB, Keys, event_id, pair_member, released_ms
 from shared.inspection import Inspector
+from shared.payload import decoder
 from shared.settings import Settings
-from shared.store import Store
+from shared.store import Incoming, Store
 from tests.conftest import (
     FAST_RETRIES,
     WEBHOOK_HEADERS,
@@ -273,6 +274,26 @@ async def test_two_workers_deliver_each_event_once(
     assert sorted(keys) == sorted(ids)
     await asyncio.sleep(0)  # let any stray second delivery surface
     assert len(destination.requests) == 200
+
+
+async def test_fanout_job_events_are_sent_at_once_within_the_concurrency_limit(
+    make_settings: Any, start_worker: Any, destination: Destination, sample_body: bytes, redis: Redis
+) -> None:
+    """A fan-out job's events are delivered concurrently, but a worker never has more than
+    `concurrency` deliveries in flight, however many events its jobs carry."""
+    settings = make_settings([http_integration(destination)])
+    store = Store(redis, Keys(settings.redis.prefix), settings.retention)
+    events = []
+    for i in range(2 * MAX_EVENTS_PER_JOB):  # two full fan-out jobs
+        body = with_attempt(sample_body, f"att_{i}")
+        event = decoder.decode(body)
+        events.append(Incoming(event_id(event), event.attempt.id, released_ms(event), body))
+    assert all(await store.accept_batch(events))
+    destination.hang = 0.2  # requests overlap
+    await start_worker(settings, concurrency=3)
+    requests = await destination.wait_for_requests(len(events))
+    assert sorted(r.headers["Idempotency-Key"] for r in requests) == sorted(e.event_id for e in events)
+    assert destination.most_at_once == 3
 
 
 async def test_one_failing_integration_does_not_affect_another(

@@ -46,6 +46,8 @@ class Deliverer:
         store: Store,
         integrations: dict[str, Integration],  # type: ignore[type-arg]
         metrics: WorkerMetrics,
+        *,
+        concurrency: int,
     ) -> None:
         self.store = store
         self.keys: Keys = store.keys
@@ -55,6 +57,10 @@ class Deliverer:
         # with no filter anywhere, every integration takes every event: no need to read the body first
         self._all_take_all = all(i.config.when == When() for i in integrations.values())
         self._recording: set[asyncio.Future[int]] = set()  # records finishing after a cancel
+        # Events (fan-out) or pairs (retries) being handled at once, whatever the jobs carry:
+        # a destination never sees more than workers x concurrency requests from examhook.
+        # Taken before the claim, so a job that runs out of time waiting has claimed nothing.
+        self._slots = asyncio.Semaphore(concurrency)
 
     async def drain(self) -> None:
         """Wait for records still being written after their job was cancelled (shutdown)."""
@@ -85,6 +91,10 @@ class Deliverer:
         When no integration filters and the job carries the attempt id and release time,
         the body comes back with the claims: one round trip before sending.
         """
+        async with self._slots:
+            return await self._handle_event(event_id, attempt_id, released)
+
+    async def _handle_event(self, event_id: str, attempt_id: str | None, released: int | None) -> str:
         everyone = list(self.integrations.values())
         token = new_token()
         if attempt_id is not None and released is not None and self._all_take_all:
@@ -161,14 +171,15 @@ class Deliverer:
                 event_id, name, f"integration {name!r} is not configured on this worker"
             )
             return Outcome("failed")
-        token = new_token()
-        body, [claim] = await self.store.claim(
-            event_id, [name], token=token, lock_ttl_ms=self.lock_ttl_ms, mode="retry", with_body=True
-        )
-        event = decoder.decode(body) if body is not None else None
-        return await self.attempt(
-            event_id, integration, claim, token=token, mode="retry", body=body, event=event
-        )
+        async with self._slots:
+            token = new_token()
+            body, [claim] = await self.store.claim(
+                event_id, [name], token=token, lock_ttl_ms=self.lock_ttl_ms, mode="retry", with_body=True
+            )
+            event = decoder.decode(body) if body is not None else None
+            return await self.attempt(
+                event_id, integration, claim, token=token, mode="retry", body=body, event=event
+            )
 
     async def attempt(
         self,

@@ -37,7 +37,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     store = Store(ctx["redis"], Keys(settings.redis.prefix), settings.retention)
     ctx["session"] = session
     ctx["integrations"] = built
-    ctx["deliverer"] = Deliverer(settings, store, built, metrics)
+    ctx["deliverer"] = Deliverer(settings, store, built, metrics, concurrency=ctx["concurrency"])
     if settings.worker.metrics_port is not None and "metrics_server" not in ctx:
         from prometheus_client import start_http_server
 
@@ -75,6 +75,7 @@ def worker_settings(
 ) -> dict[str, Any]:
     """Keyword arguments for ``arq.worker.Worker`` (what arq calls ``WorkerSettings``)."""
     keys = Keys(settings.redis.prefix)
+    concurrency = concurrency or settings.worker.concurrency
     return {
         "functions": [
             func(jobs.handle_events, name=HANDLE_EVENTS),
@@ -89,7 +90,9 @@ def worker_settings(
         "on_shutdown": shutdown,
         "job_serializer": job_serializer,
         "job_deserializer": job_deserializer,
-        "max_jobs": concurrency or settings.worker.concurrency,
+        # a fan-out job carries several events; the Deliverer keeps events in flight to
+        # `concurrency` (what the destinations are promised), arq keeps as many jobs going
+        "max_jobs": concurrency,
         "job_timeout": settings.job_timeout_seconds,
         "max_tries": ARQ_MAX_TRIES,
         # examhook keeps its own delivery records; arq's results would only block
@@ -100,7 +103,7 @@ def worker_settings(
         "job_completion_wait": settings.worker.shutdown_grace_seconds,
         "burst": burst,
         "handle_signals": handle_signals,
-        "ctx": {"settings": settings},
+        "ctx": {"settings": settings, "concurrency": concurrency},
     }
 
 
