@@ -124,7 +124,7 @@ def _run_processes(count: int, host: str, port: int, no_auth: bool, config_path:
     "--concurrency",
     type=click.IntRange(1, 10_000),
     default=None,
-    help="Jobs run at once by this process (default: worker.concurrency, 50).",
+    help="Events handled at once by this process (default: worker.concurrency, 50).",
 )
 @click.option("--burst", is_flag=True, help="Exit once the queue is empty.")
 @click.option("--check", is_flag=True, help="Health check: exit 0 if a worker reported recently, else 1.")

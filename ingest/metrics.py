@@ -6,6 +6,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from shared.contract import MAX_EVENTS_PER_JOB
+
 
 class ReceiverMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -42,7 +44,8 @@ class ReceiverMetrics:
         # Read from Redis at scrape time (the queue is shared by every receiver and worker).
         self.queue_depth = Gauge(
             "examhook_queue_jobs",
-            "Jobs in the queue: due now (queued, including running) or scheduled retries.",
+            "Jobs in the queue: due now (queued, including running; a fan-out job carries up to"
+            f" {MAX_EVENTS_PER_JOB} events) or scheduled retries.",
             ["state"],
             registry=self.registry,
         )
