@@ -72,10 +72,7 @@ class GroupCommit:
         if log.isEnabledFor(logging.INFO):
             # ids only: event ids are hashes, attempt ids Synap's opaque ids; no personal data
             pairs = list(zip(events, results, strict=True))
-            log.info(
-                "queued",
-                extra={
-                    "accepted": {e.event_id: e.attempt_id for e, ok in pairs if ok},
-                    "duplicate": [e.event_id for e, ok in pairs if not ok],
-                },
-            )
+            extra: dict[str, object] = {"accepted": {e.event_id: e.attempt_id for e, ok in pairs if ok}}
+            if accepted < len(events):
+                extra["duplicate"] = [e.event_id for e, ok in pairs if not ok]
+            log.info("queued", extra=extra)
