@@ -95,11 +95,14 @@ def main() -> None:
             "on_startup": mark_ready,
         }
     asyncio.set_event_loop(asyncio.new_event_loop())
-    worker = Worker(**kwargs)
     if args.kind == "examhook":
         from shared.process import tune_gc
+        from worker.main import ExamhookWorker
 
+        worker: Worker = ExamhookWorker(**kwargs)
         tune_gc()  # as `examhook worker` does
+    else:
+        worker = Worker(**kwargs)
     worker.run()
     marks["end"] = time.time()
     marks["rss_end"] = _proc.memory_info().rss

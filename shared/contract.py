@@ -53,6 +53,7 @@ DELIVER = "deliver"
 # Events per fan-out job. Each job's events are sent at once, so a worker has up to
 # ``concurrency`` x this many deliveries in flight; at most 15 (see ingest.lua).
 MAX_EVENTS_PER_JOB = 8
+assert 0 < MAX_EVENTS_PER_JOB <= 15, "ingest.lua writes the event list with a msgpack fixarray header"
 
 _FANOUT_JOB_RE = re.compile(r"b(\d+)-")
 

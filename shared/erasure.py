@@ -112,15 +112,7 @@ async def erase_learner(
             pipe.zrem(keys.unmatched, *events)
         if rejected_ids:
             pipe.zrem(keys.rejected, *rejected_ids)
-        # a fan-out job that also carries other learners' events goes back without these
-        for job_id, score, job, keep in batches:
-            pipe.zrem(keys.queue, job_id)
-            pipe.delete(f"arq:job:{job_id}")
-            if keep:
-                new_id = keys.fanout_job_prefix(len(keep)) + secrets.token_hex(6)
-                pipe.set(f"arq:job:{new_id}", job_serializer({**job, "a": [keep]}), px=store.payload_ttl_ms)
-                pipe.zadd(keys.queue, {new_id: score})
-        results = await pipe.execute() if (to_delete or rejected_ids or batches) else []
+        results = await pipe.execute() if (to_delete or rejected_ids) else []
     index = 0
     if to_delete:
         deleted, index = int(results[0]), 1
@@ -132,17 +124,48 @@ async def erase_learner(
         index += 1
     if rejected_ids:
         rejected = int(results[index])
-    return ErasureReport(sorted(events), deleted, queued + len(batches), failures, rejected)
+    # a fan-out job that also carries other learners' events goes back without these
+    rewrite = redis.register_script(_REWRITE_JOB)
+    for job_id, raw, job, keep in batches:
+        new_id = keys.fanout_job_prefix(len(keep)) + secrets.token_hex(12) if keep else ""
+        done = await rewrite(
+            keys=[
+                keys.queue,
+                f"arq:job:{job_id}",
+                f"arq:in-progress:{job_id}",
+                f"arq:retry:{job_id}",
+                f"arq:job:{new_id}",
+            ],
+            args=[job_id, raw, new_id, job_serializer({**job, "a": [keep]}), store.payload_ttl_ms],
+        )
+        queued += int(done)  # 0: it started meanwhile (see the README's known limits)
+    return ErasureReport(sorted(events), deleted, queued, failures, rejected)
+
+
+# Atomically, unless the job started or changed since it was read: take it out of the queue
+# and put the rewritten job (if any events are left) in its place, due at the same time.
+_REWRITE_JOB = """
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2], KEYS[4])
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
+  redis.call('ZADD', KEYS[1], due, ARGV[3])
+end
+return 1
+"""
 
 
 async def _fanout_jobs_carrying(
     store: Store, event_ids: set[str]
-) -> list[tuple[str, float, dict[str, Any], list[Any]]]:
+) -> list[tuple[str, bytes, dict[str, Any], list[Any]]]:
     """Queued ``handle_events`` jobs that carry any of these events, not yet started:
-    (job id, queue score, job, the entries to keep)."""
+    (job id, job as stored, job decoded, the entries to keep)."""
     redis, keys = store.redis, store.keys
     found = []
-    for raw_id, score in await redis.zrange(keys.queue, 0, -1, withscores=True):
+    for raw_id in await redis.zrange(keys.queue, 0, -1):
         job_id = raw_id.decode()
         if not keys.is_fanout_batch(job_id) or await redis.exists(f"arq:in-progress:{job_id}"):
             continue  # a running job finds the bodies gone (see the README's known limits)
@@ -153,7 +176,7 @@ async def _fanout_jobs_carrying(
         entries = job["a"][0]
         keep = [entry for entry in entries if entry[0] not in event_ids]
         if len(keep) < len(entries):
-            found.append((job_id, score, job, keep))
+            found.append((job_id, raw, job, keep))
     return found
 
 

@@ -96,6 +96,11 @@ class Store:
         self._release = redis.register_script(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
         )
+        self._unmatched = redis.register_script(
+            "local added = redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[2])"
+            " redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])"
+            " if added == 1 then redis.call('HINCRBY', KEYS[2], 'unmatched', 1) end return added"
+        )
         self._enqueue = redis.register_script(
             "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then"
             " redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[4]) return 1 end return 0"
@@ -130,7 +135,7 @@ class Store:
             MAX_EVENTS_PER_JOB,
             head,
             tail,
-            secrets.token_hex(6),
+            secrets.token_hex(12),  # job ids from every receiver never meet
         ]
         for e in events:
             args += [
@@ -272,13 +277,13 @@ class Store:
             ],
         )
 
-    async def record_unmatched(self, event_id: str) -> None:
+    async def record_unmatched(self, event_id: str) -> bool:
+        """Note an event no integration's filter matched; False if it was noted already."""
         now = now_ms()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(self.keys.unmatched, {event_id: now})
-            pipe.zremrangebyscore(self.keys.unmatched, "-inf", now - self.payload_ttl_ms)
-            pipe.hincrby(self.keys.stats, "unmatched", 1)
-            await pipe.execute()
+        added = await self._unmatched(
+            keys=[self.keys.unmatched, self.keys.stats], args=[now, event_id, now - self.payload_ttl_ms]
+        )
+        return bool(added)
 
     # -- operators ---------------------------------------------------------------------
 

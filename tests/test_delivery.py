@@ -296,6 +296,35 @@ async def test_fanout_job_events_are_sent_at_once_within_the_concurrency_limit(
     assert destination.most_at_once == 3
 
 
+async def test_event_that_waited_too_long_for_a_slot_waits_for_the_next_run(
+    make_settings: Any, start_worker: Any, destination: Destination, sample_body: bytes, redis: Redis
+) -> None:
+    """An event of a fan-out job that got its slot too late for a whole attempt before the
+    job's deadline is not started (the deadline would cut its send and the next run repeat
+    it): the job runs again for it, and every event is sent exactly once."""
+    settings = make_settings(
+        [http_integration(destination, timeout_seconds=1.5)],
+        worker={"health_check_interval_seconds": 1, "job_timeout_seconds": 2.5},
+    )
+    store = Store(redis, Keys(settings.redis.prefix), settings.retention)
+    events = []
+    for i in range(2):
+        body = with_attempt(sample_body, f"att_{i}")
+        event = decoder.decode(body)
+        events.append(Incoming(event_id(event), event.attempt.id, released_ms(event), body))
+    assert all(await store.accept_batch(events))  # one job; the 2nd event waits for the slot
+    destination.hang = 1.2  # the 2nd could start 1.2 s into a 2.0 s run: too late for 1.5 + 1
+    await start_worker(settings, concurrency=1)
+    await eventually(lambda: _delivered(redis, settings, len(events)), timeout=20)
+    keys = [r.headers["Idempotency-Key"] for r in destination.requests]
+    assert sorted(keys) == sorted(e.event_id for e in events)  # each exactly once
+
+
+async def _delivered(redis: Redis, settings: Settings, count: int) -> bool:
+    prefix = settings.redis.prefix
+    return len([k async for k in redis.scan_iter(match=f"{prefix}:delivered:*")]) == count
+
+
 async def test_one_failing_integration_does_not_affect_another(
     aiohttp_client: Any,
     make_settings: Any,

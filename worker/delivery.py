@@ -15,11 +15,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from shared.contract import DELIVER, Keys, encode_job, released_ms
+from shared.contract import DELIVER, Keys, encode_job, pair_member, released_ms
 from shared.payload import ExamResultsReleased, decoder
-from shared.settings import Settings, When
+from shared.settings import Settings, When, job_deadline_seconds
 from shared.store import AttemptRecord, Claim, Store, new_token, now_ms
 from worker.backoff import backoff_seconds
 from worker.filters import matches
@@ -31,6 +32,11 @@ log = logging.getLogger("examhook.worker")
 # When another worker holds a pair's lock, look again after this long.
 LOCKED_RETRY_SECONDS = 5.0
 EXPIRED_ERROR = "payload expired before delivery (retention.payload_seconds)"
+
+
+class NoTimeLeft(Exception):
+    """Too little of the job's run (or of the shutdown grace) is left to start another
+    attempt after waiting for a slot; nothing was claimed. The job runs again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,39 +65,77 @@ class Deliverer:
         self._recording: set[asyncio.Future[int]] = set()  # records finishing after a cancel
         # Events (fan-out) or pairs (retries) being handled at once, whatever the jobs carry:
         # a destination never sees more than workers x concurrency requests from examhook.
-        # Taken before the claim, so a job that runs out of time waiting has claimed nothing.
         self._slots = asyncio.Semaphore(concurrency)
+        # What an attempt may take: the slowest integration's timeout, plus claim and record
+        # (up to 1 s, less when the job's run leaves less: a run always has room for one).
+        slowest = max((i.config.timeout_seconds for i in integrations.values()), default=0.0)
+        run = job_deadline_seconds(settings.job_timeout_seconds)
+        self.attempt_seconds = slowest + min(1.0, max(0.0, run - slowest) / 2)
+        self._stop_starting_at: float | None = None  # loop time: shutdown grace ends
+
+    def stop_starting(self, grace_seconds: float) -> None:
+        """Shutdown began: running attempts get ``grace_seconds``; no attempt that could not
+        finish by then is started."""
+        self._stop_starting_at = asyncio.get_running_loop().time() + grace_seconds
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, deadline: float | None) -> AsyncIterator[None]:
+        """One of ``concurrency`` slots, taken before the claim.
+
+        The slot is used only if a whole attempt still fits before the job's ``deadline``
+        (loop time) and the end of a shutdown grace; otherwise the deadline would cut the
+        send midway and the job's next run would send it again. ``NoTimeLeft`` instead:
+        nothing claimed, nothing sent. (An event that gets its slot at once always fits.)
+        """
+        async with self._slots:
+            ends = [t for t in (deadline, self._stop_starting_at) if t is not None]
+            if ends and min(ends) - asyncio.get_running_loop().time() < self.attempt_seconds:
+                raise NoTimeLeft
+            yield
 
     async def drain(self) -> None:
         """Wait for records still being written after their job was cancelled (shutdown)."""
         if self._recording:
             await asyncio.wait(set(self._recording), timeout=10)
 
-    async def handle_events(self, events: list[tuple[str, str, int]]) -> str:
+    async def handle_events(
+        self, events: list[tuple[str, str, int]], *, deadline: float | None = None
+    ) -> str:
         """The ``handle_events`` job: :meth:`handle_event` for each of its events, all at once.
 
         Every event runs to its end even if another fails (nothing is left running unowned);
-        then a failure fails the job, which runs again: events already attempted are skipped
-        by their claims, the rest are sent.
+        then a failure (or an event left for lack of time) fails the job, which runs again:
+        events already attempted are skipped by their claims, the rest are sent.
         """
         results = await asyncio.gather(
-            *(self.handle_event(e, attempt_id, released) for e, attempt_id, released in events),
+            *(
+                self.handle_event(e, attempt_id, released, deadline=deadline)
+                for e, attempt_id, released in events
+            ),
             return_exceptions=True,
         )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        failures = [r for r in results if isinstance(r, BaseException)]
+        for failure in failures:
+            if not isinstance(failure, NoTimeLeft):
+                raise failure
+        if failures:
+            raise NoTimeLeft(f"{len(failures)} of {len(events)} events left for the next run")
         return f"{len(results)} events"
 
     async def handle_event(
-        self, event_id: str, attempt_id: str | None = None, released: int | None = None
+        self,
+        event_id: str,
+        attempt_id: str | None = None,
+        released: int | None = None,
+        *,
+        deadline: float | None = None,
     ) -> str:
         """The ``handle_event`` job: first attempt for every integration whose filter matches.
 
         When no integration filters and the job carries the attempt id and release time,
         the body comes back with the claims: one round trip before sending.
         """
-        async with self._slots:
+        async with self._slot(deadline):
             return await self._handle_event(event_id, attempt_id, released)
 
     async def _handle_event(self, event_id: str, attempt_id: str | None, released: int | None) -> str:
@@ -131,9 +175,9 @@ class Deliverer:
                     released_ms=released_ms(event),
                 )
         if not targets:
-            await self.store.record_unmatched(event_id)
-            self.metrics.unmatched.inc()
-            log.info("matched no integration", extra={"event_id": event_id})
+            if await self.store.record_unmatched(event_id):  # not on a rerun of the job
+                self.metrics.unmatched.inc()
+                log.info("matched no integration", extra={"event_id": event_id})
             return "unmatched"
         # every attempt runs to its end even if one fails: no sibling is left running unowned
         results = await asyncio.gather(
@@ -152,8 +196,15 @@ class Deliverer:
     async def _expired(self, event_id: str) -> str:
         """The body is gone before the first attempt (retention ran out while queued): make it
         a visible failure for every integration rather than drop it silently."""
-        log.warning("event expired before delivery", extra={"event_id": event_id})
-        for name in self.integrations:
+        failures = self.keys.failures
+        redis = self.store.redis
+        # a rerun of the job (a sibling event failed, or ran out of time) records nothing twice
+        names = [
+            n for n in self.integrations if await redis.zscore(failures, pair_member(event_id, n)) is None
+        ]
+        if names:
+            log.warning("event expired before delivery", extra={"event_id": event_id})
+        for name in names:
             await self._record_failure(event_id, name, EXPIRED_ERROR)
         return "expired"
 
@@ -162,7 +213,7 @@ class Deliverer:
         await self.store.record(event_id, name, token=token, record=record)
         self.metrics.deliveries.labels(name, "failed").inc()
 
-    async def deliver(self, event_id: str, name: str) -> Outcome:
+    async def deliver(self, event_id: str, name: str, *, deadline: float | None = None) -> Outcome:
         """The ``deliver`` job: one more attempt of a pair (retries, ``failures retry``)."""
         integration = self.integrations.get(name)
         if integration is None:
@@ -171,7 +222,7 @@ class Deliverer:
                 event_id, name, f"integration {name!r} is not configured on this worker"
             )
             return Outcome("failed")
-        async with self._slots:
+        async with self._slot(deadline):
             token = new_token()
             body, [claim] = await self.store.claim(
                 event_id, [name], token=token, lock_ttl_ms=self.lock_ttl_ms, mode="retry", with_body=True

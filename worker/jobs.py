@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from arq import Retry
 
 from shared.settings import Settings, job_deadline_seconds
-from worker.delivery import Deliverer
+from worker.delivery import Deliverer, NoTimeLeft
 
 log = logging.getLogger("examhook.worker")
 
@@ -24,6 +24,8 @@ T = TypeVar("T")
 
 # How soon a job interrupted by an outage or an error runs again.
 RERUN_SECONDS = 2.0
+# How soon a job whose events were left for lack of time runs again (its slots are busy).
+NO_TIME_LEFT_RERUN_SECONDS = 1.0
 
 
 def job_deadline(settings: Settings) -> float:
@@ -31,12 +33,20 @@ def job_deadline(settings: Settings) -> float:
     return job_deadline_seconds(settings.job_timeout_seconds)
 
 
-async def _guarded(ctx: dict[str, Any], job: str, work: Awaitable[T]) -> T:
+def _deadline(ctx: dict[str, Any]) -> float:
+    return asyncio.get_running_loop().time() + job_deadline(ctx["settings"])
+
+
+async def _guarded(ctx: dict[str, Any], job: str, deadline: float, work: Awaitable[T]) -> T:
     try:
-        async with asyncio.timeout(job_deadline(ctx["settings"])):
+        async with asyncio.timeout_at(deadline):
             return await work
     except Retry:
         raise
+    except NoTimeLeft as exc:
+        # back-pressure, not a fault: the job's remaining events wait for the next run
+        log.info("%s; the job runs again", str(exc) or "no time left for another attempt", extra={"job": job})
+        raise Retry(defer=NO_TIME_LEFT_RERUN_SECONDS) from None
     except TimeoutError:
         log.warning("job ran out of time; it will run again", extra={"job": job})
     except Exception as exc:  # Redis away, or a bug: keep the job rather than lose the event
@@ -48,17 +58,27 @@ async def handle_event(
     ctx: dict[str, Any], event_id: str, attempt_id: str | None = None, released_ms: int | None = None
 ) -> str:
     deliverer: Deliverer = ctx["deliverer"]
-    return await _guarded(ctx, "handle_event", deliverer.handle_event(event_id, attempt_id, released_ms))
+    deadline = _deadline(ctx)
+    return await _guarded(
+        ctx,
+        "handle_event",
+        deadline,
+        deliverer.handle_event(event_id, attempt_id, released_ms, deadline=deadline),
+    )
 
 
 async def handle_events(ctx: dict[str, Any], events: list[tuple[str, str, int]]) -> str:
     deliverer: Deliverer = ctx["deliverer"]
-    return await _guarded(ctx, "handle_events", deliverer.handle_events(events))
+    deadline = _deadline(ctx)
+    return await _guarded(ctx, "handle_events", deadline, deliverer.handle_events(events, deadline=deadline))
 
 
 async def deliver(ctx: dict[str, Any], event_id: str, integration: str) -> str:
     deliverer: Deliverer = ctx["deliverer"]
-    outcome = await _guarded(ctx, "deliver", deliverer.deliver(event_id, integration))
+    deadline = _deadline(ctx)
+    outcome = await _guarded(
+        ctx, "deliver", deadline, deliverer.deliver(event_id, integration, deadline=deadline)
+    )
     if outcome.state == "retry" and outcome.retry_in is not None:
         # arq puts the same job back in the queue, due after the backoff
         raise Retry(defer=outcome.retry_in)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from signal import Signals
 from typing import Any
 
 import aiohttp
@@ -107,5 +108,16 @@ def worker_settings(
     }
 
 
+class ExamhookWorker(Worker):
+    """arq's ``Worker``, telling the deliverer when a graceful shutdown begins, so that no
+    attempt starts that the grace period would cut midway (and a later run repeat)."""
+
+    def handle_sig_wait_for_completion(self, signum: Signals) -> None:
+        deliverer: Deliverer | None = self.ctx.get("deliverer")
+        if deliverer is not None:
+            deliverer.stop_starting(self._job_completion_wait)
+        super().handle_sig_wait_for_completion(signum)
+
+
 def create_worker(settings: Settings, **kwargs: Any) -> Worker:
-    return Worker(**worker_settings(settings, **kwargs))
+    return ExamhookWorker(**worker_settings(settings, **kwargs))
