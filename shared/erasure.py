@@ -138,7 +138,7 @@ async def erase_learner(
             ],
             args=[job_id, raw, new_id, job_serializer({**job, "a": [keep]}), store.payload_ttl_ms],
         )
-        queued += int(done)  # 0: it started meanwhile (see the README's known limits)
+        queued += int(done)  # 0: it started meanwhile (README, Personal data)
     return ErasureReport(sorted(events), deleted, queued, failures, rejected)
 
 
@@ -168,7 +168,7 @@ async def _fanout_jobs_carrying(
     for raw_id in await redis.zrange(keys.queue, 0, -1):
         job_id = raw_id.decode()
         if not keys.is_fanout_batch(job_id) or await redis.exists(f"arq:in-progress:{job_id}"):
-            continue  # a running job finds the bodies gone (see the README's known limits)
+            continue  # a running job finds the bodies gone (README, Personal data)
         raw = await redis.get(f"arq:job:{job_id}")
         if raw is None:
             continue
