@@ -28,13 +28,14 @@ class GroupCommit:
         self._pending: list[tuple[Incoming, asyncio.Future[bool]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def submit(self, event: Incoming) -> bool:
-        """Queue one event; True if it is new, False if a duplicate. Raises on Redis errors."""
+    def submit(self, event: Incoming) -> asyncio.Future[bool]:
+        """Queue one event. The future says True if it is new, False if a duplicate, or
+        raises the Redis error. (A plain function: one coroutine frame less to resume.)"""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.append((event, future))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
-        return await future
+        return future
 
     async def drain(self) -> None:
         """Wait until every submitted event has its answer (for shutdown)."""
