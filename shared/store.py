@@ -18,7 +18,15 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
-from shared.contract import DELIVER, MAX_EVENTS_PER_JOB, Keys, encode_job, fanout_entry, fanout_job_template
+from shared.contract import (
+    DELIVER,
+    HANDLE_EVENTS,
+    MAX_EVENTS_PER_JOB,
+    Keys,
+    encode_job,
+    fanout_entry,
+    fanout_job_template,
+)
 from shared.settings import RetentionConfig
 
 
@@ -273,6 +281,19 @@ class Store:
                 encode_job(DELIVER, (event_id, integration), now_ms()),
                 self.payload_ttl_ms,
                 run_at,
+                job_id,
+            ],
+        )
+
+    async def enqueue_fanout(self, events: list[tuple[str, str, int]], *, defer_ms: int = 0) -> None:
+        """Queue a new ``handle_events`` job for these events (at most MAX_EVENTS_PER_JOB)."""
+        job_id = self.keys.fanout_job_prefix(len(events)) + secrets.token_hex(12)
+        await self._enqueue(
+            keys=[f"arq:job:{job_id}", self.keys.queue],
+            args=[
+                encode_job(HANDLE_EVENTS, (events,), now_ms()),
+                self.payload_ttl_ms,
+                now_ms() + defer_ms,
                 job_id,
             ],
         )

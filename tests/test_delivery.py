@@ -296,12 +296,12 @@ async def test_fanout_job_events_are_sent_at_once_within_the_concurrency_limit(
     assert destination.most_at_once == 3
 
 
-async def test_event_that_waited_too_long_for_a_slot_waits_for_the_next_run(
+async def test_event_that_waited_too_long_for_a_slot_goes_to_a_new_job(
     make_settings: Any, start_worker: Any, destination: Destination, sample_body: bytes, redis: Redis
 ) -> None:
     """An event of a fan-out job that got its slot too late for a whole attempt before the
     job's deadline is not started (the deadline would cut its send and the next run repeat
-    it): the job runs again for it, and every event is sent exactly once."""
+    it): it goes to a new job, and every event is sent exactly once."""
     settings = make_settings(
         [http_integration(destination, timeout_seconds=1.5)],
         worker={"health_check_interval_seconds": 1, "job_timeout_seconds": 2.5},

@@ -31,6 +31,8 @@ log = logging.getLogger("examhook.worker")
 
 # When another worker holds a pair's lock, look again after this long.
 LOCKED_RETRY_SECONDS = 5.0
+# Events a fan-out job had no time left for are queued again, due after this long.
+POSTPONED_DEFER_MS = 1000
 EXPIRED_ERROR = "payload expired before delivery (retention.payload_seconds)"
 
 
@@ -104,8 +106,9 @@ class Deliverer:
         """The ``handle_events`` job: :meth:`handle_event` for each of its events, all at once.
 
         Every event runs to its end even if another fails (nothing is left running unowned);
-        then a failure (or an event left for lack of time) fails the job, which runs again:
-        events already attempted are skipped by their claims, the rest are sent.
+        then a failure fails the job, which runs again: events already attempted are skipped
+        by their claims, the rest are sent. Events left for lack of time go to a new job
+        (any worker may take it; this job's try count does not grow while slots are busy).
         """
         results = await asyncio.gather(
             *(
@@ -114,13 +117,18 @@ class Deliverer:
             ),
             return_exceptions=True,
         )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        for failure in failures:
-            if not isinstance(failure, NoTimeLeft):
-                raise failure
-        if failures:
-            raise NoTimeLeft(f"{len(failures)} of {len(events)} events left for the next run")
-        return f"{len(results)} events"
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, NoTimeLeft):
+                raise result
+        postponed = [
+            (e, attempt_id, released)
+            for (e, attempt_id, released), result in zip(events, results, strict=True)
+            if isinstance(result, NoTimeLeft)
+        ]
+        if postponed:
+            await self.store.enqueue_fanout(postponed, defer_ms=POSTPONED_DEFER_MS)
+            log.info("no time left in this run: events queued again", extra={"events": len(postponed)})
+        return f"{len(results) - len(postponed)} events, {len(postponed)} queued again"
 
     async def handle_event(
         self,

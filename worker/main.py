@@ -22,7 +22,7 @@ log = logging.getLogger("examhook.worker")
 
 # Attempts are counted and limited per pair by examhook itself (max_attempts);
 # arq's own try counter only has to stay out of the way.
-ARQ_MAX_TRIES = 1000
+ARQ_MAX_TRIES = 1_000_000  # arq drops a job past it: an accepted event must never go that way
 
 
 async def startup(ctx: dict[str, Any]) -> None:
