@@ -17,7 +17,7 @@ async def preload_examhook(settings_raw: dict[str, Any], n: int, tag: str = "pl"
     round trip; returns accepted."""
     from redis.asyncio import Redis
 
-    from shared.contract import Keys, event_id, released_ms
+    from shared.contract import Keys
     from shared.payload import decoder
     from shared.settings import settings_from_dict
     from shared.store import Incoming, Store
@@ -32,8 +32,7 @@ async def preload_examhook(settings_raw: dict[str, Any], n: int, tag: str = "pl"
             events = []
             for i in range(start, min(n, start + GROUP)):
                 body = body_with_attempt(template, tag, i)
-                ev = decoder.decode(body)
-                events.append(Incoming(event_id(ev), ev.attempt.id, released_ms(ev), body))
+                events.append(Incoming.of(decoder.decode(body), body))
             accepted += sum(await store.accept_batch(events))
     finally:
         await redis.aclose()

@@ -14,7 +14,6 @@ from redis.exceptions import RedisError
 
 from ingest.appkeys import AUTH, METRICS, QUEUE, REDIS, SETTINGS, STORE
 from ingest.auth import unauthorized
-from shared.contract import event_id, released_ms
 from shared.payload import decoder, error_path
 from shared.store import Incoming, Rejected, now_ms
 
@@ -98,7 +97,7 @@ async def _receive(request: web.Request) -> web.Response:
     except RecursionError:  # absurd nesting inside a field the model skips
         return await _reject(request, body, "invalid_json", "JSON nested too deeply", None, 400)
 
-    incoming = Incoming(event_id(event), event.attempt.id, released_ms(event), body)
+    incoming = Incoming.of(event, body)
     try:
         accepted = await app[QUEUE].submit(incoming)
     except (RedisError, OSError) as exc:

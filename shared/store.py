@@ -27,6 +27,9 @@ from shared.contract import (
     fanout_entry,
     fanout_job_template,
 )
+from shared.contract import event_id as identify
+from shared.contract import released_ms as release_time
+from shared.payload import ExamResultsReleased
 from shared.settings import RetentionConfig
 
 
@@ -55,6 +58,11 @@ class Incoming:
     attempt_id: str
     released_ms: int
     body: bytes
+
+    @classmethod
+    def of(cls, event: ExamResultsReleased, body: bytes) -> Incoming:
+        """The decoded ``event`` as received in ``body``, with its identity."""
+        return cls(identify(event), event.attempt.id, release_time(event), body)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from ingest.app import WEBHOOK_PATH, create_app
-from shared.contract import MAX_EVENTS_PER_JOB, Keys, event_id, pair_member, released_ms
+from shared.contract import MAX_EVENTS_PER_JOB, Keys, pair_member
 from shared.inspection import Inspector
 from shared.payload import decoder
 from shared.settings import Settings
@@ -286,8 +286,7 @@ async def test_fanout_job_events_are_sent_at_once_within_the_concurrency_limit(
     events = []
     for i in range(2 * MAX_EVENTS_PER_JOB):  # two full fan-out jobs
         body = with_attempt(sample_body, f"att_{i}")
-        event = decoder.decode(body)
-        events.append(Incoming(event_id(event), event.attempt.id, released_ms(event), body))
+        events.append(Incoming.of(decoder.decode(body), body))
     assert all(await store.accept_batch(events))
     destination.hang = 0.2  # requests overlap
     await start_worker(settings, concurrency=3)
@@ -310,8 +309,7 @@ async def test_event_that_waited_too_long_for_a_slot_goes_to_a_new_job(
     events = []
     for i in range(2):
         body = with_attempt(sample_body, f"att_{i}")
-        event = decoder.decode(body)
-        events.append(Incoming(event_id(event), event.attempt.id, released_ms(event), body))
+        events.append(Incoming.of(decoder.decode(body), body))
     assert all(await store.accept_batch(events))  # one job; the 2nd event waits for the slot
     destination.hang = 1.2  # the 2nd could start 1.2 s into a 2.0 s run: too late for 1.5 + 1
     await start_worker(settings, concurrency=1)

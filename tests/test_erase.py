@@ -10,8 +10,7 @@ from redis.asyncio import Redis
 
 from cli.main import cli
 from ingest.app import WEBHOOK_PATH, create_app
-from shared.contract import Keys, released_ms
-from shared.contract import event_id as event_id_of
+from shared.contract import Keys
 from shared.erasure import erase_learner
 from shared.inspection import queued_fanout_jobs
 from shared.payload import decoder
@@ -140,10 +139,7 @@ async def test_erase_takes_the_learner_out_of_a_shared_fanout_job(
         learner_event(sample_body, "usr_bob", "bob@example.org", "att_2"),
         learner_event(sample_body, "usr_cy", "cy@example.org", "att_3"),
     ]
-    incoming = []
-    for body in bodies:
-        event = decoder.decode(body)
-        incoming.append(Incoming(event_id_of(event), event.attempt.id, released_ms(event), body))
+    incoming = [Incoming.of(decoder.decode(body), body) for body in bodies]
     assert await store.accept_batch(incoming) == [True, True, True]  # one group commit: one job
     ada, bob, cy = (i.event_id for i in incoming)
     assert list((await queued_fanout_jobs(redis, keys)).values()) == [[ada, bob, cy]]
