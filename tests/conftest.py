@@ -121,6 +121,11 @@ async def queue_empty(redis: Redis, keys: Any) -> bool:
     return bool(await redis.zcard(keys.queue) == 0)
 
 
+async def delivered(redis: Redis, prefix: str, count: int) -> bool:
+    """Has the worker marked at least ``count`` (event, integration) pairs delivered?"""
+    return len([k async for k in redis.scan_iter(match=f"{prefix}:delivered:*")]) >= count
+
+
 @dataclass
 class Received:
     headers: dict[str, str]

@@ -27,6 +27,7 @@ from tests.conftest import (
     FAST_RETRIES,
     WEBHOOK_HEADERS,
     Destination,
+    delivered,
     eventually,
     http_integration,
     post_event,
@@ -313,14 +314,9 @@ async def test_event_that_waited_too_long_for_a_slot_goes_to_a_new_job(
     assert all(await store.accept_batch(events))  # one job; the 2nd event waits for the slot
     destination.hang = 1.2  # the 2nd could start 1.2 s into a 2.0 s run: too late for 1.5 + 1
     await start_worker(settings, concurrency=1)
-    await eventually(lambda: _delivered(redis, settings, len(events)), timeout=20)
+    await eventually(lambda: delivered(redis, settings.redis.prefix, len(events)), timeout=20)
     keys = [r.headers["Idempotency-Key"] for r in destination.requests]
     assert sorted(keys) == sorted(e.event_id for e in events)  # each exactly once
-
-
-async def _delivered(redis: Redis, settings: Settings, count: int) -> bool:
-    prefix = settings.redis.prefix
-    return len([k async for k in redis.scan_iter(match=f"{prefix}:delivered:*")]) == count
 
 
 async def test_one_failing_integration_does_not_affect_another(

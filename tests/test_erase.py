@@ -15,7 +15,7 @@ from shared.erasure import erase_learner
 from shared.inspection import queued_fanout_jobs
 from shared.payload import decoder
 from shared.store import Incoming, Store
-from tests.conftest import WEBHOOK_HEADERS, Destination, eventually
+from tests.conftest import WEBHOOK_HEADERS, Destination, delivered, eventually, queue_empty
 
 
 def learner_event(body: bytes, user_id: str, email: str, attempt: str) -> bytes:
@@ -117,8 +117,7 @@ async def _invoke(runner: CliRunner, args: list[str]) -> Any:
 
 
 async def _delivered_count(redis: Redis, prefix: str, count: int) -> bool:
-    found = [k async for k in redis.scan_iter(match=f"{prefix}:delivered:*")]
-    return len(found) >= count and await redis.zcard(Keys(prefix).queue) == 0
+    return await delivered(redis, prefix, count) and await queue_empty(redis, Keys(prefix))
 
 
 async def test_erase_takes_the_learner_out_of_a_shared_fanout_job(

