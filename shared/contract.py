@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
@@ -158,15 +159,15 @@ class Keys:
         """The one-event fan-out job of earlier versions (see :data:`HANDLE_EVENT`)."""
         return f"{self.prefix}:{event_id}"
 
-    def fanout_job_prefix(self, count: int) -> str:
-        """A ``handle_events`` job id is this plus a unique suffix (the count is for ``queue``)."""
-        return f"{self.prefix}:b{count}-"
+    def new_fanout_job_id(self, count: int) -> str:
+        """A fresh ``handle_events`` job id for ``count`` events: ``P:b<count>-<random>``
+        (the count is for ``examhook queue``; ingest.lua spells the same form)."""
+        return f"{self.prefix}:b{count}-{secrets.token_hex(12)}"
 
     def is_fanout_batch(self, job_id: str) -> bool:
-        """A ``handle_events`` job id (see :meth:`fanout_job_prefix`)?"""
-        return _FANOUT_JOB_RE.match(job_id, len(self.prefix) + 1) is not None and job_id.startswith(
-            self.prefix + ":"
-        )
+        """A ``handle_events`` job id (see :meth:`new_fanout_job_id`)?"""
+        start = len(self.prefix) + 1
+        return job_id.startswith(f"{self.prefix}:") and _FANOUT_JOB_RE.match(job_id, start) is not None
 
     def fanout_job_events(self, job_id: str) -> int:
         """How many events a fan-out job id carries (1 for the one-event form), 0 for others."""

@@ -9,7 +9,6 @@ email, database, files) is outside Redis and is not touched: the report says so.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 import msgspec
@@ -127,7 +126,7 @@ async def erase_learner(
     # a fan-out job that also carries other learners' events goes back without these
     rewrite = redis.register_script(_REWRITE_JOB)
     for job_id, raw, job, keep in batches:
-        new_id = keys.fanout_job_prefix(len(keep)) + secrets.token_hex(12) if keep else ""
+        new_id = keys.new_fanout_job_id(len(keep)) if keep else ""
         done = await rewrite(
             keys=[
                 keys.queue,

@@ -29,7 +29,6 @@ def iso(ms: int | str | bytes | None) -> str | None:
     )
 
 
-# redis-py types its commands as "result or awaitable of it"; the asyncio client awaits.
 async def queued_fanout_jobs(redis: Redis, keys: Keys) -> dict[str, list[str]]:
     """Fan-out jobs in the queue (running ones included) and the event ids each carries."""
     jobs: dict[str, list[str]] = {}
@@ -43,6 +42,7 @@ async def queued_fanout_jobs(redis: Redis, keys: Keys) -> dict[str, list[str]]:
     return jobs
 
 
+# redis-py types its commands as "result or awaitable of it"; the asyncio client awaits.
 async def _hgetall(redis: Redis, key: str) -> dict[bytes, bytes]:
     return await cast(Awaitable[dict[bytes, bytes]], redis.hgetall(key))
 

@@ -295,7 +295,7 @@ class Store:
 
     async def enqueue_fanout(self, events: list[tuple[str, str, int]], *, defer_ms: int = 0) -> None:
         """Queue a new ``handle_events`` job for these events (at most MAX_EVENTS_PER_JOB)."""
-        job_id = self.keys.fanout_job_prefix(len(events)) + secrets.token_hex(12)
+        job_id = self.keys.new_fanout_job_id(len(events))
         await self._enqueue(
             keys=[f"arq:job:{job_id}", self.keys.queue],
             args=[

@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 # How soon a job interrupted by an outage or an error runs again.
 RERUN_SECONDS = 2.0
-# How soon a job whose events were left for lack of time runs again (its slots are busy).
+# How soon a job left for lack of time runs again (the slots were busy).
 NO_TIME_LEFT_RERUN_SECONDS = 1.0
 
 
@@ -43,9 +43,9 @@ async def _guarded(ctx: dict[str, Any], job: str, deadline: float, work: Awaitab
             return await work
     except Retry:
         raise
-    except NoTimeLeft as exc:
-        # back-pressure, not a fault: the job's remaining events wait for the next run
-        log.info("%s; the job runs again", str(exc) or "no time left for another attempt", extra={"job": job})
+    except NoTimeLeft:
+        # back-pressure, not a fault (a fan-out job queues such events anew instead)
+        log.info("no time left for another attempt; the job runs again", extra={"job": job})
         raise Retry(defer=NO_TIME_LEFT_RERUN_SECONDS) from None
     except TimeoutError:
         log.warning("job ran out of time; it will run again", extra={"job": job})
