@@ -13,7 +13,8 @@ from typing import Any
 
 import msgspec
 
-from shared.contract import job_deserializer, job_serializer
+from shared.contract import job_serializer
+from shared.inspection import fanout_batches
 from shared.payload import decoder
 from shared.store import Rejected, Store
 
@@ -164,14 +165,9 @@ async def _fanout_jobs_carrying(
     (job id, job as stored, job decoded, the entries to keep)."""
     redis, keys = store.redis, store.keys
     found = []
-    for raw_id in await redis.zrange(keys.queue, 0, -1):
-        job_id = raw_id.decode()
-        if not keys.is_fanout_batch(job_id) or await redis.exists(f"arq:in-progress:{job_id}"):
+    async for job_id, raw, job in fanout_batches(redis, keys):
+        if await redis.exists(f"arq:in-progress:{job_id}"):
             continue  # a running job finds the bodies gone (README, Personal data)
-        raw = await redis.get(f"arq:job:{job_id}")
-        if raw is None:
-            continue
-        job = job_deserializer(raw)
         entries = job["a"][0]
         keep = [entry for entry in entries if entry[0] not in event_ids]
         if len(keep) < len(entries):

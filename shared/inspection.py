@@ -6,7 +6,7 @@ Used by the CLI (``examhook queue``, ``failures``, ``rejected``) and the admin p
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -29,16 +29,24 @@ def iso(ms: int | str | bytes | None) -> str | None:
     )
 
 
-async def queued_fanout_jobs(redis: Redis, keys: Keys) -> dict[str, list[str]]:
-    """Fan-out jobs in the queue (running ones included) and the event ids each carries."""
-    jobs: dict[str, list[str]] = {}
+async def fanout_batches(redis: Redis, keys: Keys) -> AsyncIterator[tuple[str, bytes, dict[str, Any]]]:
+    """``handle_events`` jobs in the queue (running ones included): (job id, job as stored,
+    job decoded; its events are ``job["a"][0]``, one ``[E, attempt_id, released_ms]`` each)."""
     for raw_id in await redis.zrange(keys.queue, 0, -1):
         job_id = raw_id.decode()
-        if keys.is_fanout_batch(job_id):
-            raw = await redis.get(f"arq:job:{job_id}")
-            jobs[job_id] = [entry[0] for entry in job_deserializer(raw)["a"][0]] if raw else []
-        elif keys.fanout_job_events(job_id):  # the one-event form: the id names the event
-            jobs[job_id] = [keys.parse_job_id(job_id)[0]]
+        if keys.is_fanout_batch(job_id) and (raw := await redis.get(f"arq:job:{job_id}")) is not None:
+            yield job_id, raw, job_deserializer(raw)
+
+
+async def queued_fanout_jobs(redis: Redis, keys: Keys) -> dict[str, list[str]]:
+    """Fan-out jobs in the queue (running ones included) and the event ids each carries."""
+    jobs = {
+        job_id: [entry[0] for entry in job["a"][0]] async for job_id, _, job in fanout_batches(redis, keys)
+    }
+    for raw_id in await redis.zrange(keys.queue, 0, -1):
+        job_id = raw_id.decode()
+        if not keys.is_fanout_batch(job_id) and keys.fanout_job_events(job_id):
+            jobs[job_id] = [keys.parse_job_id(job_id)[0]]  # the one-event form: the id names it
     return jobs
 
 
