@@ -324,6 +324,32 @@ async def test_concurrent_requests_each_get_their_own_answer(
     assert (await Inspector(store).counts())["queued"] == 50
 
 
+async def test_each_group_commit_logs_one_line_naming_its_events_and_no_personal_data(
+    client: Any, sample_body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The receiver logs once per Redis round trip, not per request: the line maps every
+    accepted event id to its attempt id, lists duplicates only when there are some, and
+    carries no learner name, email or grade."""
+    bodies = [edited(sample_body, attempt__id=f"att_{i % 20}") for i in range(40)]
+    with caplog.at_level("INFO", logger="examhook.ingest"):
+        responses = await asyncio.gather(*(client.post(WEBHOOK_PATH, data=b, headers=JSON) for b in bodies))
+    answers = [await r.json() for r in responses]
+    records = [r for r in caplog.records if r.getMessage() == "queued"]
+    assert 0 < len(records) < len(bodies)  # per batch, not per request
+    logged: dict[str, str] = {}
+    for record in records:
+        logged |= record.accepted  # type: ignore[attr-defined]
+    accepted = {a["event_id"] for a in answers if a["status"] == "accepted"}
+    assert set(logged) == accepted and len(accepted) == 20
+    assert sorted(logged.values()) == sorted(f"att_{i}" for i in range(20))
+    duplicates = [e for r in records for e in getattr(r, "duplicate", [])]
+    assert sorted(duplicates) == sorted(a["event_id"] for a in answers if a["status"] == "duplicate")
+    assert all(r.duplicate for r in records if hasattr(r, "duplicate"))  # never an empty list
+    text = caplog.text
+    for personal in ("Ada Lovelace", "learner7@example.org", "Pass"):
+        assert personal not in text
+
+
 async def test_scripts_flushed_on_the_server_are_loaded_again(
     client: Any, sample_body: bytes, redis: Redis, prefix: str
 ) -> None:

@@ -180,3 +180,41 @@ async def test_worker_sigterm_requeues_without_spending_an_attempt(
     finally:
         second.send_signal(signal.SIGTERM)
         await wait_exit(second, 20)
+
+
+async def test_stopping_worker_starts_no_delivery_the_grace_period_would_cut(
+    tmp_path: Path, redis_url: str, prefix: str, redis: Redis, destination: Destination, sample_body: bytes
+) -> None:
+    """On SIGTERM a worker starts no delivery that could not finish within the grace period
+    (it would be cut midway and sent again later): an event still waiting for a slot is
+    queued again untouched, and the next worker sends it, once."""
+    from shared.payload import decoder
+    from shared.settings import RetentionConfig
+    from shared.store import Incoming, Store
+
+    destination.hang = 2.0  # the 1st send ends 2 s in; the 2nd would then run past the 3 s grace
+    config = write_config(tmp_path / "c.toml", redis_url, prefix, destination, grace=3)
+    keys = Keys(prefix)
+    bodies = [with_attempt(sample_body, f"att_{i}") for i in range(2)]
+    events = [Incoming.of(decoder.decode(b), b) for b in bodies]
+    assert all(await Store(redis, keys, RetentionConfig()).accept_batch(events))  # one job
+    worker = spawn(config, "worker", "--concurrency", "1")
+    try:
+        await destination.wait_for_requests(1, timeout=20)
+        worker.send_signal(signal.SIGTERM)
+        assert await wait_exit(worker, 20) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    first, second = (e.event_id for e in events)
+    assert [r.headers["Idempotency-Key"] for r in destination.requests] == [first]
+    assert [second] in (await queued_fanout_jobs(redis, keys)).values()
+    destination.hang = 0
+    again = spawn(config, "worker")
+    try:
+        requests = await destination.wait_for_requests(2, timeout=20)
+        await eventually(lambda: redis.exists(keys.delivered(second, "lms")))
+        assert [r.headers["Idempotency-Key"] for r in requests] == [first, second]  # none twice
+    finally:
+        again.send_signal(signal.SIGTERM)
+        await wait_exit(again, 20)
