@@ -13,14 +13,16 @@ from redis.asyncio import Redis
 from ingest.app import create_app
 from shared.contract import Keys
 from shared.inspection import Inspector
+from shared.payload import decoder
 from shared.settings import ConfigError, settings_from_dict
-from shared.store import AttemptRecord, Store, now_ms
+from shared.store import AttemptRecord, Incoming, Store, now_ms
 from tests.conftest import (
     Destination,
     eventually,
     http_integration,
     post_event,
     queue_empty,
+    with_attempt,
 )
 
 
@@ -64,6 +66,39 @@ async def test_payload_gone_before_delivery_is_a_visible_failure(
     rows = await eventually(Inspector(store_for(settings, redis)).failures)
     assert rows[0].event_id == event_id
     assert "payload expired" in rows[0].last_error
+    assert destination.requests == []
+
+
+async def test_a_fanout_job_run_again_records_expired_and_unmatched_events_once(
+    make_settings: Any, start_worker: Any, destination: Destination, sample_body: bytes, redis: Redis
+) -> None:
+    """A fan-out job runs again when a sibling failed or ran out of time: an event whose body
+    expired keeps one failure record (one attempt logged), and an unmatched event is counted once."""
+    elsewhere = {"exam_ids": ["some-other-exam"]}  # no integration takes the sample
+    settings = make_settings(
+        [
+            http_integration(destination, name="lms", when=elsewhere),
+            http_integration(destination, name="other", when=elsewhere),
+        ]
+    )
+    store = store_for(settings, redis)
+    keys = store.keys
+    expired, unmatched = (
+        Incoming.of(decoder.decode(body), body)
+        for body in (sample_body, with_attempt(sample_body, "att_unmatched"))
+    )
+    assert await store.accept_batch([expired, unmatched]) == [True, True]
+    await redis.delete(keys.event(expired.event_id))  # as if retention ran out while queued
+    await start_worker(settings)
+    await eventually(lambda: queue_empty(redis, keys))
+    assert await redis.zcard(keys.failures) == 2
+    # the same events again, as in the next run of a job one of whose events failed
+    await store.enqueue_fanout([(e.event_id, e.attempt_id, e.released_ms) for e in (expired, unmatched)])
+    await eventually(lambda: queue_empty(redis, keys))
+    for name in ("lms", "other"):
+        assert await redis.llen(keys.attempts(expired.event_id, name)) == 1
+    assert await redis.zcard(keys.failures) == 2
+    assert await redis.hget(keys.stats, "unmatched") == b"1"
     assert destination.requests == []
 
 
