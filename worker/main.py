@@ -8,7 +8,10 @@ from typing import Any
 
 import aiohttp
 from arq import func
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import Worker
+from redis.exceptions import RedisError, ResponseError, WatchError
 
 from shared.contract import DELIVER, HANDLE_EVENT, HANDLE_EVENTS, Keys, job_deserializer, job_serializer
 from shared.redis_conn import arq_redis_settings, close_sentinels
@@ -109,14 +112,82 @@ def worker_settings(
 
 
 class ExamhookWorker(Worker):
-    """arq's ``Worker``, telling the deliverer when a graceful shutdown begins, so that no
-    attempt starts that the grace period would cut midway (and a later run repeat)."""
+    """arq's ``Worker``, with two changes that keep a worker alive and correct through Redis trouble.
+
+    * A graceful shutdown tells the deliverer when it begins, so that no attempt starts that
+      the grace period would cut midway (and a later run repeat).
+    * A Redis error in arq's poll loop no longer ends the process. arq (maintenance-only,
+      pinned) catches nothing there: a connection lost between its ``WATCH`` and ``EXEC``
+      while claiming a job surfaces as ``WatchError`` from ``EXISTS``/``ZSCORE`` and killed
+      the worker (found by the chaos test when Redis was SIGKILLed mid-claim). Connection
+      errors themselves are retried by redis-py (see ``shared/redis_conn.py``); what gets
+      through (that ``WatchError``, or e.g. an OOM refusal under ``noeviction``) is logged
+      and the next poll tries again. A job whose claim failed stays queued.
+    """
 
     def handle_sig_wait_for_completion(self, signum: Signals) -> None:
         deliverer: Deliverer | None = self.ctx.get("deliverer")
         if deliverer is not None:
             deliverer.stop_starting(self._job_completion_wait)
         super().handle_sig_wait_for_completion(signum)
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError) as exc:
+            # the next poll (poll_delay later) starts over; nothing queued is lost
+            log.warning("redis error in the poll loop; polling again", extra={"error": _describe(exc)})
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq's ``start_jobs``, except that a Redis error while claiming a job gives its slot
+        (``sem`` and ``job_counter``) back and leaves the job queued for the next poll; arq's
+        own leaks the slot and lets the error end the worker."""
+        for job_id_b in job_ids:
+            await self.sem.acquire()
+            if self.job_counter >= self.max_jobs:
+                self.sem.release()
+                return
+            self.job_counter += 1
+            job_id = job_id_b.decode()
+            try:
+                score = await self._claim(job_id)
+            except (RedisError, OSError) as exc:
+                self.job_counter -= 1
+                self.sem.release()
+                log.warning(
+                    "redis error claiming a job; it stays queued",
+                    extra={"job_id": job_id, "error": _describe(exc)},
+                )
+                return  # Redis is in trouble: leave the rest of this batch to the next poll
+            if score is None:  # running elsewhere, finished, or deferred meanwhile
+                self.job_counter -= 1
+                self.sem.release()
+                continue
+            task = self.loop.create_task(self.run_job(job_id, score))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+
+    async def _claim(self, job_id: str) -> int | None:
+        """Mark the job in progress (as arq does: WATCH, check, MULTI/EXEC); its score, or None
+        if another worker has it or it is no longer due."""
+        in_progress_key = in_progress_key_prefix + job_id
+        async with self.pool.pipeline(transaction=True) as pipe:
+            await pipe.watch(in_progress_key)
+            ongoing_exists = await pipe.exists(in_progress_key)
+            score = await pipe.zscore(self.queue_name, job_id)
+            if ongoing_exists or not score or score > timestamp_ms():
+                return None
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.psetex(in_progress_key, int(self.in_progress_timeout_s * 1000), b"1")
+            try:
+                await pipe.execute()
+            except (ResponseError, WatchError):
+                return None  # claimed by another worker since the check
+        return int(score)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {exc}"
 
 
 def create_worker(settings: Settings, **kwargs: Any) -> Worker:
