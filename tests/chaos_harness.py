@@ -364,8 +364,20 @@ class Cluster:
         out = []
         for name, process in [("receiver", self.receiver), *self.workers.items()]:
             if process is not None and process.poll() is not None and process.returncode != -signal.SIGKILL:
-                out.append(f"{name} exited by itself with code {process.returncode} (see {name}.log)")
+                out.append(
+                    f"{name} exited by itself with code {process.returncode} (see {name}.log); it ends:\n"
+                    + self.log_tail(name)
+                )
         return out
+
+    def log_tail(self, name: str, lines: int = 12) -> str:
+        """The last lines of a process's log (its traceback, when it crashed), for the report:
+        a CI run keeps only what the test prints, not the workdir."""
+        try:
+            text = (self.workdir / f"{name}.log").read_text(errors="replace")
+        except OSError as exc:
+            return f"    (log unreadable: {exc})"
+        return "\n".join("    " + line[:300] for line in text.splitlines()[-lines:])
 
     async def stop(self) -> None:
         processes = [p for p in [self.receiver, *self.workers.values()] if p is not None and p.poll() is None]
