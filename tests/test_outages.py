@@ -26,7 +26,7 @@ from tests.conftest import (
     stop_worker,
     with_attempt,
 )
-from worker.main import create_worker
+from worker.main import CLOSE_TIMEOUT_SECONDS, create_worker
 
 pytestmark = pytest.mark.slow
 
@@ -237,3 +237,26 @@ async def test_worker_survives_connection_lost_while_claiming_a_job(
             await stop_worker(worker, running)  # while its Redis (the proxy) is still there
     finally:
         await proxy.stop()
+
+
+async def test_worker_sigterm_while_redis_is_down_exits(
+    destination: Destination, unused_tcp_port_factory: Any, tmp_path: Path
+) -> None:
+    """A worker told to stop (SIGTERM) after its Redis died exits, with code 0, within
+    CLOSE_TIMEOUT_SECONDS (and a margin) instead of waiting for Redis forever: the shutdown's
+    Redis calls are given up, and nothing is lost (a job still marked running re-runs later)."""
+    port = unused_tcp_port_factory()
+    server = valkey(port, tmp_path / "data")
+    worker = worker_process(tmp_path, f"redis://127.0.0.1:{port}/0", "outage-t", destination)
+    try:
+        await eventually(lambda: _healthy(tmp_path), timeout=15, interval=0.2)
+        server.terminate()  # SIGKILL Redis, then stop the worker
+        worker.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(asyncio.to_thread(worker.wait), CLOSE_TIMEOUT_SECONDS + 10)
+        assert code == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        if server.is_running():
+            server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from signal import Signals
 from typing import Any
@@ -26,6 +27,9 @@ log = logging.getLogger("examhook.worker")
 # Attempts are counted and limited per pair by examhook itself (max_attempts);
 # arq's own try counter only has to stay out of the way.
 ARQ_MAX_TRIES = 1_000_000  # arq drops a job past it: an accepted event must never go that way
+# After the grace period, what is left of a shutdown (requeueing cancelled jobs, closing
+# clients) takes well under a second; with Redis away it would wait for Redis forever.
+CLOSE_TIMEOUT_SECONDS = 10.0
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -112,7 +116,8 @@ def worker_settings(
 
 
 class ExamhookWorker(Worker):
-    """arq's ``Worker``, with two changes that keep a worker alive and correct through Redis trouble.
+    """arq's ``Worker``, with changes that keep a worker alive, correct and stoppable through
+    Redis trouble.
 
     * A graceful shutdown tells the deliverer when it begins, so that no attempt starts that
       the grace period would cut midway (and a later run repeat).
@@ -123,6 +128,7 @@ class ExamhookWorker(Worker):
       errors themselves are retried by redis-py (see ``shared/redis_conn.py``); what gets
       through (that ``WatchError``, or e.g. an OOM refusal under ``noeviction``) is logged
       and the next poll tries again. A job whose claim failed stays queued.
+    * Closing is bounded (``CLOSE_TIMEOUT_SECONDS``), so SIGTERM ends a worker whose Redis is gone.
     """
 
     def handle_sig_wait_for_completion(self, signum: Signals) -> None:
@@ -130,6 +136,21 @@ class ExamhookWorker(Worker):
         if deliverer is not None:
             deliverer.stop_starting(self._job_completion_wait)
         super().handle_sig_wait_for_completion(signum)
+
+    async def close(self) -> None:
+        """arq's ``close``, bounded: SIGTERM ends the worker within the grace period plus
+        ``CLOSE_TIMEOUT_SECONDS`` even while Redis is unreachable (redis-py would retry the
+        shutdown's Redis calls until it came back). What could not be recorded is safe:
+        jobs still marked in progress run again once their lease expires."""
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+                await super().close()
+        except TimeoutError:
+            log.warning(
+                "shutdown could not finish its Redis work in %gs; exiting anyway (interrupted jobs"
+                " run again after their lease expires)",
+                CLOSE_TIMEOUT_SECONDS,
+            )
 
     async def _poll_iteration(self) -> None:
         try:
