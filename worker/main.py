@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from signal import Signals
 from typing import Any
 
@@ -12,7 +13,7 @@ from arq import func
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker
-from redis.exceptions import RedisError, ResponseError, WatchError
+from redis.exceptions import RedisError, WatchError
 
 from shared.contract import DELIVER, HANDLE_EVENT, HANDLE_EVENTS, Keys, job_deserializer, job_serializer
 from shared.redis_conn import arq_redis_settings, close_sentinels
@@ -138,19 +139,41 @@ class ExamhookWorker(Worker):
         super().handle_sig_wait_for_completion(signum)
 
     async def close(self) -> None:
-        """arq's ``close``, bounded: SIGTERM ends the worker within the grace period plus
-        ``CLOSE_TIMEOUT_SECONDS`` even while Redis is unreachable (redis-py would retry the
-        shutdown's Redis calls until it came back). What could not be recorded is safe:
-        jobs still marked in progress run again once their lease expires."""
+        """arq's ``close``, made safe for a shutdown during a Redis outage.
+
+        arq's re-raises the first error among the job tasks (one cancelled inside a shielded
+        Redis call ends "cancelled") and waits for Redis as long as redis-py retries, i.e.
+        forever; either way ``on_shutdown`` never ran and the exit code was 1. Here the tasks'
+        errors are collected, and the Redis work is given up after ``CLOSE_TIMEOUT_SECONDS``,
+        so SIGTERM ends the worker within the grace period plus that, with code 0. What
+        could not be recorded is safe: jobs still marked in progress run again once their
+        lease expires.
+        """
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if self._pool is None:
+            return
+        ends = self.loop.time() + CLOSE_TIMEOUT_SECONDS
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
-                await super().close()
-        except TimeoutError:
+            async with asyncio.timeout_at(ends):
+                await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+                self.tasks.clear()
+                await self.pool.delete(self.health_check_key)
+        except (TimeoutError, RedisError, OSError) as exc:
             log.warning(
-                "shutdown could not finish its Redis work in %gs; exiting anyway (interrupted jobs"
-                " run again after their lease expires)",
-                CLOSE_TIMEOUT_SECONDS,
+                "shutdown could not finish its Redis work; exiting anyway (interrupted jobs run"
+                " again after their lease expires)",
+                extra={"error": _describe(exc)},
             )
+        if self.on_shutdown is not None:
+            try:
+                # integrations and the HTTP session are closed even after a timeout above
+                async with asyncio.timeout_at(max(ends, self.loop.time() + 2)):
+                    await self.on_shutdown(self.ctx)
+            except (TimeoutError, RedisError, OSError) as exc:
+                log.warning("shutdown hook did not finish", extra={"error": _describe(exc)})
+        await self.pool.close(close_connection_pool=True)
+        self._pool = None
 
     async def _poll_iteration(self) -> None:
         try:
@@ -202,8 +225,8 @@ class ExamhookWorker(Worker):
             pipe.psetex(in_progress_key, int(self.in_progress_timeout_s * 1000), b"1")
             try:
                 await pipe.execute()
-            except (ResponseError, WatchError):
-                return None  # claimed by another worker since the check
+            except WatchError:
+                return None  # claimed by another worker since the check (or the connection died)
         return int(score)
 
 
