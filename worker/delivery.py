@@ -77,8 +77,9 @@ class Deliverer:
 
     def stop_starting(self, grace_seconds: float) -> None:
         """Shutdown began: running attempts get ``grace_seconds``; no attempt that could not
-        finish by then is started."""
-        self._stop_starting_at = asyncio.get_running_loop().time() + grace_seconds
+        finish by then is started. A second signal does not move that moment later."""
+        if self._stop_starting_at is None:
+            self._stop_starting_at = asyncio.get_running_loop().time() + grace_seconds
 
     @contextlib.asynccontextmanager
     async def _slot(self, deadline: float | None) -> AsyncIterator[None]:
@@ -298,9 +299,11 @@ class Deliverer:
                 outcome, error = "retry", f"{exc.__class__.__name__}: {exc}"
         except asyncio.CancelledError:
             # shutting down or out of time: no outcome, no attempt spent; the job runs again.
-            # Freeing the lock is a courtesy (it expires anyway): never wait long for Redis here.
+            # Freeing the lock is a courtesy (it expires anyway): never wait long for Redis here,
+            # and well inside the smallest margin between the job's deadline and arq's timeout
+            # (20% of job_timeout_seconds), past which arq would drop the job.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self.store.release(event_id, name, token)), 1.0)
+                await asyncio.wait_for(asyncio.shield(self.store.release(event_id, name, token)), 0.2)
             raise
         duration = time.perf_counter() - started
 
