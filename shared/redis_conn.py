@@ -9,10 +9,12 @@ Cluster, so neither does examhook.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from typing import Any
+from urllib.parse import unquote
 
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -79,7 +81,9 @@ async def close_sentinels(client: Redis) -> None:
         await sentinel.aclose()
 
 
-def redis_client(settings: Settings, **overrides: object) -> Redis:
+def redis_client(settings: Settings, redis_class: type[Redis] = Redis, **overrides: object) -> Redis:
+    """A client for ``settings.redis.url``: failing fast (socket and connect timeouts), with
+    periodic health checks of idle connections; ``overrides`` are redis-py options."""
     options: dict[str, object] = {
         "socket_timeout": SOCKET_TIMEOUT_SECONDS,
         "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
@@ -97,7 +101,7 @@ def redis_client(settings: Settings, **overrides: object) -> Redis:
         )
         master: Redis = sentinel.master_for(
             target.service,
-            redis_class=_SentinelMaster,
+            redis_class=_sentinel_class(redis_class),
             db=target.db,
             username=target.username,
             password=target.password,
@@ -105,36 +109,42 @@ def redis_client(settings: Settings, **overrides: object) -> Redis:
             **options,  # type: ignore[arg-type]
         )
         return master
-    client: Redis = Redis.from_url(settings.redis.url, **options)  # type: ignore[arg-type]
+    client: Redis = redis_class.from_url(settings.redis.url, **options)  # type: ignore[arg-type]
     return client
 
 
-def arq_redis_settings(settings: Settings) -> RedisSettings:
-    target = parse_sentinel_url(settings.redis.url)
-    if target is not None:
-        redis_settings = RedisSettings(
-            host=target.sentinels,
-            sentinel=True,
-            sentinel_master=target.service,
-            database=target.db,
-            username=target.username,
-            password=target.password,
-            ssl=target.ssl,
-        )
-    else:
-        redis_settings = RedisSettings.from_dsn(settings.redis.url)
-        # arq's from_dsn does not percent-decode credentials; redis-py's from_url does
-        parts = urlsplit(settings.redis.url)
-        redis_settings.username = unquote(parts.username) if parts.username else None
-        redis_settings.password = unquote(parts.password) if parts.password else None
-    redis_settings.conn_timeout = int(CONNECT_TIMEOUT_SECONDS)
-    # keep retrying while Redis is away, so a worker survives a restart by itself
-    redis_settings.conn_retries = 1_000_000
-    redis_settings.conn_retry_delay = 1
-    # arq's poll loop has no error handling of its own: a command that fails because Redis
-    # restarted would end the worker. Retry connection errors forever instead (with backoff
-    # up to 2 s), so a worker rides out a Redis restart; a job stuck meanwhile is bounded
-    # by its job timeout.
-    redis_settings.retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=-1)
-    redis_settings.retry_on_error = [RedisConnectionError, RedisTimeoutError, OSError]
-    return redis_settings
+def _sentinel_class(redis_class: type[Redis]) -> type[Redis]:
+    if redis_class is Redis:
+        return _SentinelMaster
+    return type(f"Sentinel{redis_class.__name__}", (_SentinelMaster, redis_class), {})
+
+
+def arq_pool(
+    settings: Settings,
+    *,
+    queue_name: str,
+    job_serializer: Callable[[dict[str, Any]], bytes],
+    job_deserializer: Callable[[bytes], dict[str, Any]],
+) -> ArqRedis:
+    """arq's connection for a worker, built like :func:`redis_client` rather than by arq.
+
+    arq's own pool has no socket timeout, keepalive or health checks (a connection that
+    silently stops answering would stall the worker for the kernel's retransmission time,
+    or forever behind a proxy), and for Sentinel it ignores the retry options. Here every
+    mode gets the timeouts, and connection errors and timeouts are retried forever, with
+    backoff capped at 2 s, so a worker rides out a Redis restart or failover by itself: arq's
+    poll loop has no error handling of its own. A job stuck meanwhile is bounded by its
+    own deadline.
+    """
+    pool = redis_client(
+        settings,
+        redis_class=ArqRedis,
+        socket_keepalive=True,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=-1),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
+    )
+    assert isinstance(pool, ArqRedis)
+    pool.job_serializer = job_serializer
+    pool.job_deserializer = job_deserializer
+    pool.default_queue_name = queue_name
+    return pool

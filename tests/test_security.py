@@ -29,16 +29,23 @@ import ingest.auth
 from cli.main import cli
 from ingest.app import WEBHOOK_PATH, create_app
 from ingest.auth import BasicAuth
-from shared.contract import Keys
+from shared.contract import Keys, job_deserializer, job_serializer
 from shared.inspection import Inspector
 from shared.logs import JsonFormatter, TextFormatter
-from shared.redis_conn import arq_redis_settings, redis_client
-from shared.settings import masked, settings_from_dict
+from shared.redis_conn import arq_pool, redis_client
+from shared.settings import Settings, masked, settings_from_dict
 from shared.store import Store
 from tests.conftest import Destination, eventually
 
 LEARNER_EMAIL = "learner7@example.org"  # in shared/sample.json
 LEARNER_NAME = "Ada Lovelace"
+
+
+def worker_pool(settings: Settings) -> Any:
+    """The connection a worker gets (built, not connected)."""
+    return arq_pool(
+        settings, queue_name="q", job_serializer=job_serializer, job_deserializer=job_deserializer
+    )
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -498,11 +505,13 @@ def test_redis_urls_configure_tls_and_credentials(
     assert kwargs.get("password") == password
     assert kwargs["db"] == db
     assert kwargs["host"] == "r.example"
-    arq = arq_redis_settings(settings)
-    assert arq.ssl is ssl
-    assert (arq.username or None) == username
-    assert arq.password == password
-    assert arq.database == db
+    arq = worker_pool(settings).connection_pool
+    assert issubclass(arq.connection_class, SSLConnection) is ssl
+    assert (arq.connection_kwargs.get("username"), arq.connection_kwargs.get("password")) == (
+        username,
+        password,
+    )
+    assert arq.connection_kwargs["db"] == db
 
 
 def test_percent_encoded_redis_credentials_are_decoded_for_the_worker_too() -> None:
@@ -511,8 +520,8 @@ def test_percent_encoded_redis_credentials_are_decoded_for_the_worker_too() -> N
     settings = settings_from_dict({"redis": {"url": "redis://al%3Aice:p%40ss%2Fw@r.example:6379/0"}})
     kwargs = redis_client(settings).connection_pool.connection_kwargs
     assert (kwargs["username"], kwargs["password"]) == ("al:ice", "p@ss/w")
-    arq = arq_redis_settings(settings)
-    assert (arq.username, arq.password) == ("al:ice", "p@ss/w")
+    kwargs = worker_pool(settings).connection_pool.connection_kwargs
+    assert (kwargs["username"], kwargs["password"]) == ("al:ice", "p@ss/w")
 
 
 # -- the receiver's body limit and aiohttp's header limits -------------------------------

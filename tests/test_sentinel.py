@@ -9,10 +9,13 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisError
 
 from ingest.app import WEBHOOK_PATH, create_app
-from shared.redis_conn import arq_redis_settings, parse_sentinel_url
+from shared.contract import job_deserializer, job_serializer
+from shared.redis_conn import arq_pool, parse_sentinel_url
 from shared.settings import ConfigError, settings_from_dict
 from tests.conftest import WEBHOOK_HEADERS, Destination
 
@@ -34,8 +37,17 @@ def test_sentinel_url_parsing() -> None:
     for bad in ("redis+sentinel://host/svc", "redis+sentinel://host:26379/", "redis+sentinel://h:1/s/x"):
         with pytest.raises(ConfigError, match=r"redis\.url"):
             settings_from_dict({"redis": {"url": bad}})
-    arq = arq_redis_settings(settings_from_dict({"redis": {"url": "rediss+sentinel://h:26379/svc/1"}}))
-    assert arq.sentinel and arq.sentinel_master == "svc" and arq.database == 1 and arq.ssl
+    arq = arq_pool(
+        settings_from_dict({"redis": {"url": "rediss+sentinel://h:26379/svc/1"}}),
+        queue_name="q",
+        job_serializer=job_serializer,
+        job_deserializer=job_deserializer,
+    )
+    pool = arq.connection_pool
+    assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "svc"
+    assert pool.connection_kwargs["db"] == 1 and issubclass(pool.connection_class, SSLConnection)
+    # the worker's connection keeps timeouts and retries behind Sentinel too
+    assert pool.connection_kwargs["socket_timeout"] and pool.connection_kwargs["retry"]._retries == -1
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from arq.worker import Worker
 from redis.exceptions import RedisError, WatchError
 
 from shared.contract import DELIVER, HANDLE_EVENT, HANDLE_EVENTS, Keys, job_deserializer, job_serializer
-from shared.redis_conn import arq_redis_settings, close_sentinels
+from shared.redis_conn import arq_pool, close_sentinels
 from shared.settings import Settings
 from shared.store import Store
 from worker import integrations, jobs
@@ -94,7 +94,13 @@ def worker_settings(
         "queue_name": keys.queue,
         "health_check_key": keys.health_check,
         "health_check_interval": settings.worker.health_check_interval_seconds,
-        "redis_settings": arq_redis_settings(settings),
+        # our own pool: timeouts, keepalive and retries in every mode, Sentinel included
+        "redis_pool": arq_pool(
+            settings,
+            queue_name=keys.queue,
+            job_serializer=job_serializer,
+            job_deserializer=job_deserializer,
+        ),
         "on_startup": startup,
         "on_shutdown": shutdown,
         "job_serializer": job_serializer,
