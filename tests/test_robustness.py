@@ -271,3 +271,44 @@ async def test_newest_release_marker_outlives_older_failures(
     attempt_id = json.loads(sample_body)["attempt"]["id"]
     ttl = await redis.pttl(Keys(prefix).latest(attempt_id))
     assert ttl > settings.retention.failure_seconds * 1000 - 60_000
+
+
+async def test_claim_and_record_sent_twice_count_once(
+    make_settings: Any, redis: Redis, prefix: str, sample_body: bytes
+) -> None:
+    """redis-py re-sends a command whose reply was lost (connection dropped or timed out after
+    Redis ran it). The same claim again still owns the pair (it is not "locked" by itself),
+    and the same record again counts the attempt once, keeps one attempt-log line and one
+    retry statistic."""
+    settings = make_settings()
+    store = store_for(settings, redis)
+    keys = Keys(prefix)
+    event = decoder.decode(sample_body)
+    incoming = Incoming.of(event, sample_body)
+    assert await store.accept_batch([incoming]) == [True]
+    event_id = incoming.event_id
+
+    async def claim() -> str:
+        _, claims = await store.claim(
+            event_id,
+            ["lms"],
+            token="tok-1",
+            lock_ttl_ms=60_000,
+            mode="first",
+            with_body=False,
+            attempt_id=incoming.attempt_id,
+            released_ms=incoming.released_ms,
+        )
+        return claims[0].state
+
+    assert await claim() == "ok"
+    assert await claim() == "ok", "a re-sent claim must not find the pair locked by itself"
+    record = AttemptRecord(attempt=1, at=now_ms(), duration_ms=1.0, outcome="retry", error="503")
+    first = await store.record(event_id, "lms", token="tok-1", record=record, retry_in_ms=1000)
+    again = await store.record(event_id, "lms", token="tok-1", record=record, retry_in_ms=1000)
+    assert first == again == 1
+    assert await redis.hget(keys.pair(event_id, "lms"), "attempts") == b"1"
+    assert await redis.llen(keys.attempts(event_id, "lms")) == 1
+    assert await redis.hget(keys.stats, "retries") == b"1"
+    # the next attempt, with its own token, counts
+    assert await store.record(event_id, "lms", token="tok-2", record=record, retry_in_ms=1000) == 2

@@ -45,7 +45,9 @@ for n = 11, #ARGV do
     state = 'superseded'
   elseif not body then
     state = 'expired'
-  elseif not redis.call('SET', p .. ':lock:' .. suffix, token, 'NX', 'PX', lock_ttl) then
+  elseif not redis.call('SET', p .. ':lock:' .. suffix, token, 'NX', 'PX', lock_ttl)
+      and redis.call('GET', p .. ':lock:' .. suffix) ~= token then
+    -- (holding it with our own token: this same claim, re-sent after a lost reply)
     state = 'locked'
   else
     state = 'ok'

@@ -9,7 +9,7 @@
 --     at least the wait plus the payload retention, so no retry outlives its data; with
 --     retry_job_bytes (the fan-out job's first failure) arq's retry job is enqueued in the
 --     same step, so a crash can never leave a pair with nothing scheduled to try again.
--- Returns the pair's attempt count.
+-- Returns the pair's attempt count. Idempotent per token (one token per attempt).
 local p, e, i, token, now, outcome = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local ttl, delivered_ttl, failure_ttl = tonumber(ARGV[9]), ARGV[10], tonumber(ARGV[11])
 local uncertain, retry_in, retry_job = ARGV[12], tonumber(ARGV[13]), ARGV[14]
@@ -23,11 +23,17 @@ local function extend(key, ms)
   if current ~= -2 and current < ms then redis.call('PEXPIRE', key, ms) end
 end
 
+-- the same command again (redis-py re-sends it when the connection dropped before the
+-- reply): this attempt is recorded already, and must not count twice
+if token ~= '' and redis.call('HGET', pair, 'recorded_token') == token then
+  return tonumber(redis.call('HGET', pair, 'attempts'))
+end
+
 redis.call('RPUSH', attempts_key, ARGV[7])
 local n = redis.call('HINCRBY', pair, 'attempts', 1)
 redis.call('HINCRBY', pair, 'total_attempts', 1)
 redis.call('HSET', pair, 'inflight', uncertain, 'status', outcome, 'last_attempt_at', now,
-           'last_error', ARGV[8])
+           'last_error', ARGV[8], 'recorded_token', token)
 redis.call('HSETNX', pair, 'first_attempt_at', now)
 if outcome == 'delivered' then
   redis.call('SET', p .. ':delivered:' .. suffix, now, 'PX', delivered_ttl)
