@@ -357,3 +357,52 @@ async def test_worker_sigterm_while_redis_is_down_exits(
 
 async def _logged(log: Path, text: str) -> bool:
     return text in log.read_text(errors="replace")
+
+
+async def test_worker_keeps_running_while_redis_refuses_writes(
+    aiohttp_client: Any,
+    make_settings: Any,
+    sample_body: bytes,
+    destination: Destination,
+    unused_tcp_port_factory: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis refusing writes (out of memory under ``noeviction``): the receiver answers 503 with
+    Retry-After (the sender retries; nothing is half-accepted), and a worker's claims fail: it
+    says so in a warning, keeps running with the job still queued, and delivers it once Redis
+    accepts writes again."""
+    port = unused_tcp_port_factory()
+    url = f"redis://127.0.0.1:{port}/0"
+    prefix = "outage-oom"
+    server = valkey(port, tmp_path / "data")
+    admin = Redis(port=port)
+    try:
+        settings = make_settings([http_integration(destination)], redis={"url": url, "prefix": prefix})
+        client = await aiohttp_client(create_app(settings))
+        event_id = await post_event(client, sample_body)
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", "1")  # every write is refused from now on
+        refused = await client.post(
+            WEBHOOK_PATH, data=with_attempt(sample_body, "att_while_full"), headers=WEBHOOK_HEADERS
+        )
+        assert refused.status == 503 and refused.headers["Retry-After"]
+        worker = create_worker(settings, handle_signals=False, poll_delay=0.01)
+        running = asyncio.create_task(worker.async_run())
+        try:
+            await eventually(lambda: _warned(caplog, "redis error claiming a job"), timeout=15, interval=0.05)
+            assert not running.done(), "the worker must keep running"
+            assert destination.requests == []
+            assert await admin.zcard(Keys(prefix).queue) == 1
+            await admin.config_set("maxmemory", "0")
+            requests = await destination.wait_for_requests(1, timeout=15)
+            assert [r.headers["Idempotency-Key"] for r in requests] == [event_id]
+        finally:
+            await stop_worker(worker, running)
+    finally:
+        await admin.aclose()
+        server.stop()
+
+
+async def _warned(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)

@@ -188,6 +188,18 @@ class ExamhookWorker(Worker):
             # the next poll (poll_delay later) starts over; nothing queued is lost
             log.warning("redis error in the poll loop; polling again", extra={"error": _describe(exc)})
 
+    async def run_job(self, job_id: str, score: int) -> None:
+        """arq's ``run_job``; a Redis error in arq's own bookkeeping around the job (e.g. an OOM
+        refusal) is logged rather than raised, since arq re-raises it in the poll loop and, in
+        burst mode, out of the worker. The job stays queued and runs again after its lease."""
+        try:
+            await super().run_job(job_id, score)
+        except (RedisError, OSError) as exc:
+            log.warning(
+                "redis error around a job; it runs again after its lease",
+                extra={"job_id": job_id, "error": _describe(exc)},
+            )
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's ``start_jobs``, except that a Redis error while claiming a job gives its slot
         (``sem`` and ``job_counter``) back and leaves the job queued for the next poll; arq's
