@@ -135,11 +135,17 @@ def worker(concurrency: int | None, burst: bool, check: bool, config_path: str |
     if check:
         sys.exit(asyncio.run(_worker_health(settings)))
     configure_logging(settings.log_level)
+    from redis.exceptions import RedisError
+
     from worker.main import create_worker
 
     built = create_worker(settings, burst=burst, concurrency=concurrency)
     tune_gc()
-    built.run()
+    try:
+        built.run()
+    except RedisError as exc:  # what retrying cannot mend: wrong password, unknown ACL user...
+        click.echo(f"examhook worker: Redis refused the worker: {exc.__class__.__name__}: {exc}", err=True)
+        sys.exit(1)
 
 
 async def _worker_health(settings: Settings) -> int:

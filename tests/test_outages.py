@@ -406,3 +406,33 @@ async def test_worker_keeps_running_while_redis_refuses_writes(
 
 async def _warned(caplog: pytest.LogCaptureFixture, text: str) -> bool:
     return any(text in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+async def test_worker_with_a_wrong_redis_password_exits_with_a_clear_error(
+    unused_tcp_port_factory: Any, tmp_path: Path
+) -> None:
+    """A worker whose Redis password is wrong does not retry forever or print a traceback: it
+    exits 1 at once with one line saying Redis refused it, without the password."""
+    port = unused_tcp_port_factory()
+    server = valkey(port, tmp_path / "data")
+    admin = Redis(port=port)
+    await admin.config_set("requirepass", "the-right-one")
+    try:
+        config = tmp_path / "worker.toml"
+        config.write_text(f'[redis]\nurl = "redis://:a-wrong-one@127.0.0.1:{port}/0"\nprefix = "auth"\n')
+        env = {**os.environ, "EXAMHOOK_CONFIG": str(config)}
+        env.pop("EXAMHOOK_REDIS_URL", None)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli.main", "worker", env=env, stderr=asyncio.subprocess.PIPE
+        )
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 1
+        text = stderr.decode()
+        assert "Redis refused the worker: AuthenticationError" in text
+        assert "Traceback" not in text and "a-wrong-one" not in text
+    finally:
+        await admin.aclose()
+        authed = Redis(port=port, password="the-right-one")
+        await authed.config_set("requirepass", "")
+        await authed.aclose()
+        server.stop()

@@ -71,7 +71,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         http_server.server_close()
         thread.join(timeout=5)
     # arq closes its own pool after this, but not a sentinel-managed pool's sentinel connections
-    await close_sentinels(ctx["redis"])
+    # (no "redis" when the worker never started: e.g. Redis refused its password)
+    if "redis" in ctx:
+        await close_sentinels(ctx["redis"])
 
 
 def worker_settings(
@@ -178,8 +180,13 @@ class ExamhookWorker(Worker):
                     await self.on_shutdown(self.ctx)
             except (TimeoutError, RedisError, OSError) as exc:
                 log.warning("shutdown hook did not finish", extra={"error": _describe(exc)})
-        await self.pool.close(close_connection_pool=True)
-        self._pool = None
+        try:
+            # disconnecting can time out too (an idle TLS connection to a Redis that is gone)
+            await self.pool.close(close_connection_pool=True)
+        except (RedisError, OSError) as exc:
+            log.warning("could not close the Redis connections cleanly", extra={"error": _describe(exc)})
+        finally:
+            self._pool = None
 
     async def _poll_iteration(self) -> None:
         try:
