@@ -277,9 +277,10 @@ async def test_claim_and_record_sent_twice_count_once(
     make_settings: Any, redis: Redis, prefix: str, sample_body: bytes
 ) -> None:
     """redis-py re-sends a command whose reply was lost (connection dropped or timed out after
-    Redis ran it). The same claim again still owns the pair (it is not "locked" by itself),
-    and the same record again counts the attempt once, keeps one attempt-log line and one
-    retry statistic."""
+    Redis ran it), possibly much later. The same claim again still owns the pair (it is not
+    "locked", nor "maybe sent before", because of itself), and the same record again, even
+    after a later attempt's record, counts the attempt once: one attempt-log line, one retry
+    statistic."""
     settings = make_settings()
     store = store_for(settings, redis)
     keys = Keys(prefix)
@@ -288,7 +289,7 @@ async def test_claim_and_record_sent_twice_count_once(
     assert await store.accept_batch([incoming]) == [True]
     event_id = incoming.event_id
 
-    async def claim() -> str:
+    async def claim() -> tuple[str, bool]:
         _, claims = await store.claim(
             event_id,
             ["lms"],
@@ -299,10 +300,11 @@ async def test_claim_and_record_sent_twice_count_once(
             attempt_id=incoming.attempt_id,
             released_ms=incoming.released_ms,
         )
-        return claims[0].state
+        return claims[0].state, claims[0].interrupted
 
-    assert await claim() == "ok"
-    assert await claim() == "ok", "a re-sent claim must not find the pair locked by itself"
+    assert await claim() == ("ok", False)
+    # not "locked" by itself, and not "maybe sent before" because of its own first run
+    assert await claim() == ("ok", False), "a re-sent claim is the same claim"
     record = AttemptRecord(attempt=1, at=now_ms(), duration_ms=1.0, outcome="retry", error="503")
     first = await store.record(event_id, "lms", token="tok-1", record=record, retry_in_ms=1000)
     again = await store.record(event_id, "lms", token="tok-1", record=record, retry_in_ms=1000)
@@ -310,5 +312,7 @@ async def test_claim_and_record_sent_twice_count_once(
     assert await redis.hget(keys.pair(event_id, "lms"), "attempts") == b"1"
     assert await redis.llen(keys.attempts(event_id, "lms")) == 1
     assert await redis.hget(keys.stats, "retries") == b"1"
-    # the next attempt, with its own token, counts
+    # the next attempt, with its own token, counts; the first one re-sent after it does not
     assert await store.record(event_id, "lms", token="tok-2", record=record, retry_in_ms=1000) == 2
+    assert await store.record(event_id, "lms", token="tok-1", record=record, retry_in_ms=1000) == 2
+    assert await redis.llen(keys.attempts(event_id, "lms")) == 2

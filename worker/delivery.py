@@ -219,7 +219,8 @@ class Deliverer:
 
     async def _record_failure(self, event_id: str, name: str, error: str, token: str = "") -> None:
         record = AttemptRecord(attempt=0, at=now_ms(), duration_ms=0, outcome="failed", error=error)
-        await self.store.record(event_id, name, token=token, record=record)
+        # a token of its own when it holds no claim: a re-sent record is then recognised
+        await self.store.record(event_id, name, token=token or new_token(), record=record)
         self.metrics.deliveries.labels(name, "failed").inc()
 
     async def deliver(self, event_id: str, name: str, *, deadline: float | None = None) -> Outcome:

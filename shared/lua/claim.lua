@@ -45,18 +45,20 @@ for n = 11, #ARGV do
     state = 'superseded'
   elseif not body then
     state = 'expired'
-  elseif not redis.call('SET', p .. ':lock:' .. suffix, token, 'NX', 'PX', lock_ttl)
-      and redis.call('GET', p .. ':lock:' .. suffix) ~= token then
-    -- (holding it with our own token: this same claim, re-sent after a lost reply)
-    state = 'locked'
-  else
+  elseif redis.call('SET', p .. ':lock:' .. suffix, token, 'NX', 'PX', lock_ttl) then
     state = 'ok'
+  elseif redis.call('GET', p .. ':lock:' .. suffix) == token then
+    state = 'again'  -- this same claim, re-sent by redis-py after its reply was lost
+  else
+    state = 'locked'
   end
-  if state == 'ok' then
+  if state == 'again' then
+    out[#out + 1] = {'ok', attempts, redis.call('HGET', pair, 'claim_interrupted') or '0'}
+  elseif state == 'ok' then
     -- 'inflight' still set means the previous attempt started and never recorded an outcome
     local interrupted = redis.call('HGET', pair, 'inflight') or '0'
     redis.call('HSET', pair, 'inflight', '1', 'status', 'sending', 'attempt_id', attempt_id,
-               'released_ms', released)
+               'released_ms', released, 'claim_interrupted', interrupted)
     redis.call('HSETNX', pair, 'first_attempt_at', now)
     if redis.call('PTTL', pair) < tonumber(ttl) then redis.call('PEXPIRE', pair, ttl) end
     out[#out + 1] = {'ok', attempts, interrupted}

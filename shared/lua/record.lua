@@ -24,8 +24,9 @@ local function extend(key, ms)
 end
 
 -- the same command again (redis-py re-sends it when the connection dropped before the
--- reply): this attempt is recorded already, and must not count twice
-if token ~= '' and redis.call('HGET', pair, 'recorded_token') == token then
+-- reply, possibly much later, after other attempts): this attempt is recorded already, and
+-- must not count twice. One small field per attempt, gone with the pair.
+if token ~= '' and redis.call('HSETNX', pair, 'r:' .. token, '1') == 0 then
   return tonumber(redis.call('HGET', pair, 'attempts'))
 end
 
@@ -33,7 +34,7 @@ redis.call('RPUSH', attempts_key, ARGV[7])
 local n = redis.call('HINCRBY', pair, 'attempts', 1)
 redis.call('HINCRBY', pair, 'total_attempts', 1)
 redis.call('HSET', pair, 'inflight', uncertain, 'status', outcome, 'last_attempt_at', now,
-           'last_error', ARGV[8], 'recorded_token', token)
+           'last_error', ARGV[8])
 redis.call('HSETNX', pair, 'first_attempt_at', now)
 if outcome == 'delivered' then
   redis.call('SET', p .. ':delivered:' .. suffix, now, 'PX', delivered_ttl)
