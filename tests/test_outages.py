@@ -110,16 +110,19 @@ async def test_worker_starts_without_redis_and_survives_restart(
     unused_tcp_port_factory: Any,
     tmp_path: Path,
 ) -> None:
-    """A worker started while Redis is down is unhealthy (`worker --check` exits 1), connects when Redis
-    comes, delivers; survives Redis being killed and restarted, and delivers what comes after."""
+    """A worker started while Redis is down says it is waiting for Redis and is unhealthy
+    (`worker --check` exits 1), connects when Redis comes, delivers; survives Redis being killed
+    and restarted, and delivers what comes after."""
     import json
 
     port = unused_tcp_port_factory()
     url = f"redis://127.0.0.1:{port}/0"
     prefix = "outage-w"
-    worker = worker_process(tmp_path, url, prefix, destination)
+    log = tmp_path / "worker.log"
+    worker = worker_process(tmp_path, url, prefix, destination, log=log)
     server = None
     try:
+        await eventually(lambda: _logged(log, "waiting for Redis"), timeout=15, interval=0.1)
         assert await worker_check(tmp_path) == 1
         server = valkey(port, tmp_path / "data")
         client = await aiohttp_client(create_app(make_settings(redis={"url": url, "prefix": prefix})))

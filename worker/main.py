@@ -13,10 +13,12 @@ from arq import func
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import AuthenticationError, RedisError, WatchError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.contract import DELIVER, HANDLE_EVENT, HANDLE_EVENTS, Keys, job_deserializer, job_serializer
-from shared.redis_conn import arq_pool, close_sentinels
+from shared.redis_conn import arq_pool, close_sentinels, redis_client
 from shared.settings import Settings
 from shared.store import Store
 from worker import integrations, jobs
@@ -31,6 +33,7 @@ ARQ_MAX_TRIES = 1_000_000  # arq drops a job past it: an accepted event must nev
 # After the grace period, what is left of a shutdown (requeueing cancelled jobs, closing
 # clients) takes well under a second; with Redis away it would wait for Redis forever.
 CLOSE_TIMEOUT_SECONDS = 10.0
+WAITING_FOR_REDIS_LOG_SECONDS = 30.0  # while Redis is unreachable at start, a warning this often
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -140,6 +143,31 @@ class ExamhookWorker(Worker):
     * Closing is bounded (``CLOSE_TIMEOUT_SECONDS``), so SIGTERM ends a worker whose Redis is gone.
     """
 
+    async def main(self) -> None:
+        await self._wait_for_redis()
+        await super().main()
+
+    async def _wait_for_redis(self) -> None:
+        """Say that the worker is waiting for Redis, and why (arq logged every failed connection
+        attempt; our pool retries quietly). A refusal that waiting cannot mend, such as a wrong
+        password, is raised."""
+        probe = redis_client(self.ctx["settings"])  # fails fast, no retries: each failure is seen
+        next_warning = 0.0
+        try:
+            while True:
+                try:
+                    await probe.ping()
+                    return
+                except AuthenticationError:
+                    raise
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    if self.loop.time() >= next_warning:
+                        log.warning("waiting for Redis", extra={"error": _describe(exc)})
+                        next_warning = self.loop.time() + WAITING_FOR_REDIS_LOG_SECONDS
+                    await asyncio.sleep(1)
+        finally:
+            await probe.aclose()
+
     def handle_sig_wait_for_completion(self, signum: Signals) -> None:
         deliverer: Deliverer | None = self.ctx.get("deliverer")
         if deliverer is not None:
@@ -166,7 +194,8 @@ class ExamhookWorker(Worker):
             async with asyncio.timeout_at(ends):
                 await asyncio.gather(*self.tasks.values(), return_exceptions=True)
                 self.tasks.clear()
-                await self.pool.delete(self.health_check_key)
+                if "redis" in self.ctx:  # it ever reached Redis (not stopped while waiting for it)
+                    await self.pool.delete(self.health_check_key)
         except (TimeoutError, RedisError, OSError) as exc:
             log.warning(
                 "shutdown could not finish its Redis work; exiting anyway (interrupted jobs run"
