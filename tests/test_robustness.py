@@ -316,3 +316,28 @@ async def test_claim_and_record_sent_twice_count_once(
     assert await store.record(event_id, "lms", token="tok-2", record=record, retry_in_ms=1000) == 2
     assert await store.record(event_id, "lms", token="tok-1", record=record, retry_in_ms=1000) == 2
     assert await redis.llen(keys.attempts(event_id, "lms")) == 2
+
+
+async def test_a_superseded_release_is_counted_once(
+    make_settings: Any, redis: Redis, prefix: str, sample_body: bytes
+) -> None:
+    """An older release found superseded is counted once in the stats, however often its claim
+    runs (its job re-run after a sibling failed, or the command re-sent by redis-py)."""
+    store = store_for(make_settings(), redis)
+    old_body = with_attempt(sample_body, "att_s", "2026-11-23T09:00:00.000Z")
+    new_body = with_attempt(sample_body, "att_s", "2026-11-24T09:00:00.000Z")
+    old, new = (Incoming.of(decoder.decode(b), b) for b in (old_body, new_body))
+    assert await store.accept_batch([old, new]) == [True, True]
+    for token in ("run-1", "run-1", "run-2"):
+        _, claims = await store.claim(
+            old.event_id,
+            ["lms"],
+            token=token,
+            lock_ttl_ms=60_000,
+            mode="first",
+            with_body=False,
+            attempt_id=old.attempt_id,
+            released_ms=old.released_ms,
+        )
+        assert claims[0].state == "superseded"
+    assert await redis.hget(Keys(prefix).stats, "superseded") == b"1"

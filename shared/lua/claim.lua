@@ -38,10 +38,13 @@ for n = 11, #ARGV do
   elseif mode == 'first' and tonumber(attempts) > 0 then
     state = 'scheduled'
   elseif latest > tonumber(released) then
+    -- counted once, however often this runs (a job re-run, a command re-sent)
+    if redis.call('HGET', pair, 'status') ~= 'superseded' then
+      redis.call('HINCRBY', p .. ':stats', 'superseded', 1)
+    end
     redis.call('HSET', pair, 'status', 'superseded', 'last_attempt_at', now)
     redis.call('PEXPIRE', pair, ttl)
     redis.call('ZREM', p .. ':failures', suffix)
-    redis.call('HINCRBY', p .. ':stats', 'superseded', 1)
     state = 'superseded'
   elseif not body then
     state = 'expired'
