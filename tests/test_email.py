@@ -26,6 +26,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from shared.contract import Keys, event_id
 from shared.payload import ExamResultsReleased, decoder
 from shared.settings import EmailIntegration
+from tests.conftest import eventually
 from worker.integrations.base import Delivery, PermanentError, TransientError
 from worker.integrations.email import EmailDelivery, check_templates, render_templates
 
@@ -203,8 +204,26 @@ async def make_email() -> AsyncIterator[Callable[[EmailIntegration], EmailDelive
         return integration
 
     yield make
+    # Closing is asynchronous (a TLS connection first exchanges close_notify with the server;
+    # one that failed mid-handshake is closed by a call_soon): wait until every socket is
+    # really closed before pytest-asyncio closes the loop, or it is reported unclosed (a
+    # ResourceWarning, an error here) in whichever later test runs the garbage collector.
+    sockets = [sock for sock in map(_client_socket, made) if sock is not None]
     for integration in made:
         await integration.close()
+    for _ in range(3):  # the call_soon of a failed handshake
+        await asyncio.sleep(0)
+
+    async def all_closed() -> bool:
+        return all(sock.fileno() == -1 for sock in sockets)
+
+    await eventually(all_closed, timeout=10, interval=0.005)
+
+
+def _client_socket(integration: EmailDelivery) -> Any:
+    client = integration._client
+    transport = client.transport if client is not None else None
+    return transport.get_extra_info("socket") if transport is not None else None
 
 
 def body(message: EmailMessage, subtype: str) -> str:
@@ -655,7 +674,5 @@ async def test_end_to_end_through_receiver_and_worker(
 
     async def delivered() -> bool:
         return bool(await redis.exists(Keys(prefix).delivered(evt, "mail")))
-
-    from tests.conftest import eventually
 
     assert await eventually(delivered)
