@@ -206,13 +206,28 @@ async def start_worker() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     running: list[tuple[Any, asyncio.Task[None]]] = []
 
     async def start(settings: Settings, **kwargs: Any) -> Any:
-        worker = create_worker(settings, handle_signals=False, poll_delay=0.01, **kwargs)
-        task = asyncio.create_task(worker.async_run())
+        worker, task = _start_worker(settings, **kwargs)
         running.append((worker, task))
         return worker
 
     yield start
     for worker, task in running:
+        await stop_worker(worker, task)
+
+
+def _start_worker(settings: Settings, **kwargs: Any) -> tuple[Any, asyncio.Task[None]]:
+    worker = create_worker(settings, handle_signals=False, poll_delay=0.01, **kwargs)
+    return worker, asyncio.create_task(worker.async_run())
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, **kwargs: Any) -> AsyncIterator[tuple[Any, asyncio.Task[None]]]:
+    """An arq worker inside the test's loop, stopped on leaving the block: use it where the
+    worker must stop before something it talks to does (a proxy, a server of the test's own)."""
+    worker, task = _start_worker(settings, **kwargs)
+    try:
+        yield worker, task
+    finally:
         await stop_worker(worker, task)
 
 

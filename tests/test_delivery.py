@@ -32,10 +32,9 @@ from tests.conftest import (
     http_integration,
     post_event,
     queue_empty,
-    stop_worker,
+    running_worker,
     with_attempt,
 )
-from worker.main import create_worker
 
 
 def inspector(settings: Settings, redis: Redis) -> Inspector:
@@ -556,14 +555,10 @@ async def test_receiver_and_worker_over_a_unix_socket(
         )
         client = await aiohttp_client(create_app(settings))
         event_id = await post_event(client, sample_body)
-        worker = create_worker(settings, handle_signals=False, poll_delay=0.01)
-        running = asyncio.create_task(worker.async_run())
-        try:
+        async with running_worker(settings):  # stopped while its Redis is still there
             requests = await destination.wait_for_requests(1, timeout=15)
             assert [r.headers["Idempotency-Key"] for r in requests] == [event_id]
             assert await eventually(lambda: delivered(check, "unix", 1))
-        finally:
-            await stop_worker(worker, running)  # while its Redis is still there
     finally:
         await check.aclose()
         server.stop()

@@ -24,10 +24,10 @@ from tests.conftest import (
     eventually,
     http_integration,
     post_event,
-    stop_worker,
+    running_worker,
     with_attempt,
 )
-from worker.main import CLOSE_TIMEOUT_SECONDS, create_worker
+from worker.main import CLOSE_TIMEOUT_SECONDS
 
 pytestmark = pytest.mark.slow
 
@@ -172,9 +172,16 @@ class FaultyProxy:
         self.port = 0
         self.connections: dict[asyncio.Task[None], list[bool]] = {}  # task -> [silenced]
 
-    async def start(self) -> None:
+    async def __aenter__(self) -> FaultyProxy:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def url(self, path: str) -> str:
+        return f"redis://127.0.0.1:{self.port}{path}"
 
     def silence(self) -> None:
         for silenced in self.connections.values():
@@ -248,19 +255,14 @@ async def test_worker_survives_connection_lost_while_claiming_a_job(
     the job stays queued, the next poll claims it, and with one slot the worker goes on to
     deliver every event. (Found by the chaos test: a worker exited with code 1.)"""
     host, port, path = tcp_target(redis_url)
-    proxy = FaultyProxy((host, port), cut_on=b"ZSCORE")
-    await proxy.start()
-    try:
+    async with FaultyProxy((host, port), cut_on=b"ZSCORE") as proxy:
         client = await aiohttp_client(create_app(make_settings()))
         first = await post_event(client, sample_body)
         proxied = make_settings(
-            [http_integration(destination)],
-            redis={"url": f"redis://127.0.0.1:{proxy.port}{path}", "prefix": prefix},
+            [http_integration(destination)], redis={"url": proxy.url(path), "prefix": prefix}
         )
         # one slot: a slot leaked by the failed claim would stop everything
-        worker = create_worker(proxied, handle_signals=False, poll_delay=0.01, concurrency=1)
-        running = asyncio.create_task(worker.async_run())
-        try:
+        async with running_worker(proxied, concurrency=1) as (_, running):
             async with asyncio.timeout(10):
                 await proxy.cut.wait()
             second = await post_event(client, with_attempt(sample_body, "att_after_the_cut"))
@@ -269,10 +271,6 @@ async def test_worker_survives_connection_lost_while_claiming_a_job(
             assert await eventually(lambda: delivered(redis, prefix, 2), timeout=10)
             assert not running.done(), "the worker must still be running"
             assert any("redis error claiming a job" in r.getMessage() for r in caplog.records)
-        finally:
-            await stop_worker(worker, running)  # while its Redis (the proxy) is still there
-    finally:
-        await proxy.stop()
 
 
 async def test_worker_recovers_from_a_connection_that_stops_answering(
@@ -289,28 +287,19 @@ async def test_worker_recovers_from_a_connection_that_stops_answering(
     kernel's retransmission time (or forever): reads time out, it reconnects, and an event
     accepted meanwhile is delivered."""
     host, port, path = tcp_target(redis_url)
-    proxy = FaultyProxy((host, port))
-    await proxy.start()
-    try:
+    async with FaultyProxy((host, port)) as proxy:
         client = await aiohttp_client(create_app(make_settings()))
         first = await post_event(client, sample_body)
         proxied = make_settings(
-            [http_integration(destination)],
-            redis={"url": f"redis://127.0.0.1:{proxy.port}{path}", "prefix": prefix},
+            [http_integration(destination)], redis={"url": proxy.url(path), "prefix": prefix}
         )
-        worker = create_worker(proxied, handle_signals=False, poll_delay=0.01)
-        running = asyncio.create_task(worker.async_run())
-        try:
+        async with running_worker(proxied) as (_, running):
             await destination.wait_for_requests(1, timeout=15)
             proxy.silence()
             second = await post_event(client, with_attempt(sample_body, "att_after_the_silence"))
             requests = await destination.wait_for_requests(2, timeout=SOCKET_TIMEOUT_SECONDS + 15)
             assert sorted(r.headers["Idempotency-Key"] for r in requests) == sorted([first, second])
             assert not running.done(), "the worker must still be running"
-        finally:
-            await stop_worker(worker, running)
-    finally:
-        await proxy.stop()
 
 
 async def test_worker_sigterm_while_redis_is_down_exits(
@@ -390,9 +379,7 @@ async def test_worker_keeps_running_while_redis_refuses_writes(
             WEBHOOK_PATH, data=with_attempt(sample_body, "att_while_full"), headers=WEBHOOK_HEADERS
         )
         assert refused.status == 503 and refused.headers["Retry-After"]
-        worker = create_worker(settings, handle_signals=False, poll_delay=0.01)
-        running = asyncio.create_task(worker.async_run())
-        try:
+        async with running_worker(settings) as (_, running):
             await eventually(lambda: _warned(caplog, "redis error claiming a job"), timeout=15, interval=0.05)
             assert not running.done(), "the worker must keep running"
             assert destination.requests == []
@@ -400,8 +387,6 @@ async def test_worker_keeps_running_while_redis_refuses_writes(
             await admin.config_set("maxmemory", "0")
             requests = await destination.wait_for_requests(1, timeout=15)
             assert [r.headers["Idempotency-Key"] for r in requests] == [event_id]
-        finally:
-            await stop_worker(worker, running)
     finally:
         await admin.aclose()
         server.stop()
