@@ -49,6 +49,17 @@ async def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int:
     return await asyncio.wait_for(asyncio.to_thread(process.wait), timeout)
 
 
+async def sigterm_mid_delivery(worker: subprocess.Popen[bytes], destination: Destination) -> None:
+    """SIGTERM the worker once its first request reached the destination; it must exit 0."""
+    try:
+        await destination.wait_for_requests(1, timeout=20)
+        worker.send_signal(signal.SIGTERM)
+        assert await wait_exit(worker, 20) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
 async def test_receiver_sigterm_never_accepts_and_loses(
     tmp_path: Path,
     redis_url: str,
@@ -127,13 +138,7 @@ async def test_worker_sigterm_finishes_running_delivery(
     client = await aiohttp_client(create_app(make_settings()))
     event_id = await post_event(client, sample_body)
     worker = spawn(config, "worker")
-    try:
-        await destination.wait_for_requests(1, timeout=20)
-        worker.send_signal(signal.SIGTERM)
-        assert await wait_exit(worker, 20) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
+    await sigterm_mid_delivery(worker, destination)
     keys = Keys(prefix)
     assert await redis.exists(keys.delivered(event_id, "lms"))
     assert await redis.hget(keys.pair(event_id, "lms"), "attempts") == b"1"
@@ -159,13 +164,7 @@ async def test_worker_sigterm_requeues_without_spending_an_attempt(
     client = await aiohttp_client(create_app(make_settings()))
     event_id = await post_event(client, sample_body)
     worker = spawn(config, "worker")
-    try:
-        await destination.wait_for_requests(1, timeout=20)
-        worker.send_signal(signal.SIGTERM)
-        assert await wait_exit(worker, 20) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
+    await sigterm_mid_delivery(worker, destination)
     keys = Keys(prefix)
     assert not await redis.exists(keys.delivered(event_id, "lms"))
     assert await redis.hget(keys.pair(event_id, "lms"), "attempts") in (None, b"0")
@@ -199,13 +198,7 @@ async def test_stopping_worker_starts_no_delivery_the_grace_period_would_cut(
     events = [Incoming.of(decoder.decode(b), b) for b in bodies]
     assert all(await Store(redis, keys, RetentionConfig()).accept_batch(events))  # one job
     worker = spawn(config, "worker", "--concurrency", "1")
-    try:
-        await destination.wait_for_requests(1, timeout=20)
-        worker.send_signal(signal.SIGTERM)
-        assert await wait_exit(worker, 20) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
+    await sigterm_mid_delivery(worker, destination)
     first, second = (e.event_id for e in events)
     assert [r.headers["Idempotency-Key"] for r in destination.requests] == [first]
     assert [second] in (await queued_fanout_jobs(redis, keys)).values()
