@@ -139,8 +139,10 @@ class ExamhookWorker(Worker):
       the worker (found by the chaos test when Redis was SIGKILLed mid-claim). Connection
       errors themselves are retried by redis-py (see ``shared/redis_conn.py``); what gets
       through (that ``WatchError``, or e.g. an OOM refusal under ``noeviction``) is logged
-      and the next poll tries again. A job whose claim failed stays queued.
+      and the next poll tries again. A job whose claim failed stays queued; an error in
+      arq's bookkeeping around a running job (``run_job``) is logged the same way.
     * Closing is bounded (``CLOSE_TIMEOUT_SECONDS``), so SIGTERM ends a worker whose Redis is gone.
+    * At start it logs that it is waiting for Redis, and fails at once if Redis refuses it.
     """
 
     async def main(self) -> None:
