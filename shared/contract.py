@@ -2,9 +2,12 @@
 
 Everything examhook stores in Redis lives under one prefix (``examhook`` by default),
 except the keys arq itself owns (``arq:job:<job id>``, ``arq:in-progress:<job id>``,
-``arq:retry:<job id>``); those are made unique by putting the prefix into every job id.
+``arq:retry:<job id>``, ``arq:result:<job id>``); those are made unique by putting the
+prefix into every job id. A Redis ACL user for examhook therefore needs ``~P:*`` and
+``~arq:*`` (see the README's "Redis" section; ``examhook check-config --redis`` checks it).
 
-Keys (``P`` is the prefix, ``E`` an event id, ``I`` an integration name):
+Keys (``P`` is the prefix, ``E`` an event id, ``I`` an integration name, ``A`` an attempt
+id, ``X`` an exam id); :class:`Keys` is the one place that spells them:
 
 ======================  =========  =====================================================
 key                     type       holds
@@ -13,6 +16,8 @@ P:queue                 zset       arq's queue of job ids, scored by run time (m
 P:seen:E                string     dedup record: the event was accepted (dedup window)
 P:event:E               string     the body exactly as received (payload retention)
 P:latest:A              string     newest ``releasedAt`` (ms) seen for attempt id A
+P:exams                 zset       exam ids, scored by their newest event (ms)
+P:exam:X                zset       the exam's event ids, scored by arrival (ms)
 P:pair:E:I              hash       delivery state of (event, integration)
 P:attempts:E:I          list       one JSON record per attempt
 P:delivered:E:I         string     set once the pair succeeded: never deliver again
@@ -22,17 +27,18 @@ P:unmatched             zset       events that matched no integration, by time (
 P:rejected              zset       ids of quarantined bodies, by time (µs)
 P:rejected:R            hash       one quarantined body with its error
 P:stats                 hash       counters (accepted, duplicate, rejected, ...)
+P:workers               hash       one entry per running worker: host, integrations, last report
 ======================  =========  =====================================================
 
 Jobs are arq jobs serialised with msgpack (see :func:`encode_job`):
 
-* ``handle_events([[E, attempt_id, released_ms], ...])`` fans up to
+* ``handle_events([[E, attempt_id, released_ms], ...], integration=None)`` fans up to
   :data:`MAX_EVENTS_PER_JOB` events out to their integrations: the first attempt of every
   pair. The receiver writes one per chunk of the events one group commit accepted (job id
   ``P:b<count>-<token>``), so a burst costs arq's per-job work once per chunk, not per event.
+  A worker whose lane for one integration is busy hands that integration's pairs on in a job
+  of the same form naming the integration (see ``worker/lanes.py``).
 * ``deliver(E, I)`` retries one pair (job id ``P:E:I``).
-* ``handle_event(E, attempt_id, released_ms)`` (job id ``P:E``) is the one-event form, still
-  run for jobs queued by an earlier version.
 """
 
 from __future__ import annotations
@@ -44,10 +50,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+from arq.constants import (
+    health_check_key_suffix,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
 
 from shared.payload import ExamResultsReleased
 
-HANDLE_EVENT = "handle_event"
 HANDLE_EVENTS = "handle_events"
 DELIVER = "deliver"
 
@@ -56,7 +68,8 @@ DELIVER = "deliver"
 MAX_EVENTS_PER_JOB = 8
 assert 0 < MAX_EVENTS_PER_JOB <= 15, "ingest.lua writes the event list with a msgpack fixarray header"
 
-_FANOUT_JOB_RE = re.compile(r"b(\d+)-")
+# P:b<count>-<token> (the receiver's), P:b<count>@<integration>-<token> (handed on for one lane)
+_FANOUT_JOB_RE = re.compile(r"b(\d+)(?:@([a-z0-9-]+))?-")
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _msgpack_decoder = msgspec.msgpack.Decoder()
@@ -120,7 +133,14 @@ def job_deserializer(data: bytes) -> Any:
 
 
 class Keys:
-    """Key names under one prefix; the single place that spells them."""
+    """Key names under one prefix, arq's own keys for our jobs, and the patterns that find
+    them: the one place that spells them (the Lua scripts get their keys from here)."""
+
+    # arq's keys, prefixed by job id (arq.constants)
+    ARQ_JOB = job_key_prefix
+    ARQ_IN_PROGRESS = in_progress_key_prefix
+    ARQ_RETRY = retry_key_prefix
+    ARQ_RESULT = result_key_prefix
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -129,7 +149,22 @@ class Keys:
         self.unmatched = f"{prefix}:unmatched"
         self.rejected = f"{prefix}:rejected"
         self.stats = f"{prefix}:stats"
-        self.health_check = f"{prefix}:queue:health-check"
+        self.exams = f"{prefix}:exams"
+        self.workers = f"{prefix}:workers"
+        self.health_check = f"{prefix}:queue{health_check_key_suffix}"
+        # prefixes the Lua scripts complete themselves (the attempt id is read from Redis)
+        self.latest_prefix = f"{prefix}:latest:"
+        # job ids are made inside ingest.lua: P:b<count>-<token>-<n>
+        self.fanout_job_id_prefix = f"{prefix}:b"
+        # a key in arq's job key space that is never written: ingest.lua declares it so an ACL
+        # user without arq's keys is refused before anything is written
+        self.job_key_space = f"{job_key_prefix}{prefix}:b-acl-check"
+        # every key of ours, and every arq key of one of our jobs (for SCAN and ACL advice)
+        self.all_pattern = f"{prefix}:*"
+        self.arq_patterns = tuple(
+            f"{p}{prefix}:*"
+            for p in (job_key_prefix, in_progress_key_prefix, retry_key_prefix, result_key_prefix)
+        )
 
     def event(self, event_id: str) -> str:
         return f"{self.prefix}:event:{event_id}"
@@ -150,19 +185,45 @@ class Keys:
         return f"{self.prefix}:lock:{event_id}:{integration}"
 
     def latest(self, attempt_id: str) -> str:
-        return f"{self.prefix}:latest:{attempt_id}"
+        return f"{self.latest_prefix}{attempt_id}"
+
+    def exam(self, exam_id: str) -> str:
+        """The exam's event ids, by arrival."""
+        return f"{self.prefix}:exam:{exam_id}"
 
     def rejected_item(self, reject_id: str) -> str:
         return f"{self.prefix}:rejected:{reject_id}"
 
-    def handle_job_id(self, event_id: str) -> str:
-        """The one-event fan-out job of earlier versions (see :data:`HANDLE_EVENT`)."""
-        return f"{self.prefix}:{event_id}"
+    def job(self, job_id: str) -> str:
+        """arq's key holding a job."""
+        return f"{job_key_prefix}{job_id}"
 
-    def new_fanout_job_id(self, count: int) -> str:
-        """A fresh ``handle_events`` job id for ``count`` events: ``P:b<count>-<random>``
-        (the count is for ``examhook queue``; ingest.lua spells the same form)."""
-        return f"{self.prefix}:b{count}-{secrets.token_hex(12)}"
+    def in_progress(self, job_id: str) -> str:
+        return f"{in_progress_key_prefix}{job_id}"
+
+    def job_retry(self, job_id: str) -> str:
+        return f"{retry_key_prefix}{job_id}"
+
+    def pair_pattern(self, event_id: str = "*", integration: str = "*") -> str:
+        """SCAN pattern of pair records (``P:pair:E:I``)."""
+        return f"{self.prefix}:pair:{event_id}:{integration}"
+
+    def per_pair_patterns(self, event_id: str) -> tuple[str, ...]:
+        """SCAN patterns of every per-pair key of one event."""
+        return tuple(
+            f"{self.prefix}:{kind}:{event_id}:*" for kind in ("pair", "attempts", "delivered", "lock")
+        )
+
+    @property
+    def in_progress_pattern(self) -> str:
+        return f"{in_progress_key_prefix}{self.prefix}:*"
+
+    def new_fanout_job_id(self, count: int, integration: str | None = None) -> str:
+        """A fresh ``handle_events`` job id for ``count`` events: ``P:b<count>-<random>``, or
+        ``P:b<count>@<integration>-<random>`` for a job handed on for one integration's lane
+        (the count is for ``examhook queue``; ingest.lua spells the first form)."""
+        lane = f"@{integration}" if integration else ""
+        return f"{self.fanout_job_id_prefix}{count}{lane}-{secrets.token_hex(12)}"
 
     def is_fanout_batch(self, job_id: str) -> bool:
         """A ``handle_events`` job id (see :meth:`new_fanout_job_id`)?"""
@@ -170,12 +231,9 @@ class Keys:
         return job_id.startswith(f"{self.prefix}:") and _FANOUT_JOB_RE.match(job_id, start) is not None
 
     def fanout_job_events(self, job_id: str) -> int:
-        """How many events a fan-out job id carries (1 for the one-event form), 0 for others."""
-        rest = job_id[len(self.prefix) + 1 :]
-        match = _FANOUT_JOB_RE.match(rest)
-        if match is not None:
-            return int(match[1])
-        return 0 if ":" in rest else 1
+        """How many events a fan-out job id carries, 0 for other jobs."""
+        match = _FANOUT_JOB_RE.match(job_id[len(self.prefix) + 1 :])
+        return int(match[1]) if match is not None else 0
 
     def deliver_job_id(self, event_id: str, integration: str) -> str:
         return f"{self.prefix}:{event_id}:{integration}"
@@ -185,6 +243,16 @@ class Keys:
         rest = job_id[len(self.prefix) + 1 :]
         event, _, integration = rest.partition(":")
         return event, integration or None
+
+    def lane_of(self, job_id: str) -> str | None:
+        """The one integration a job is for (a retry job, a job handed on for a lane), or None
+        (the receiver's fan-out jobs, for every integration)."""
+        rest = job_id[len(self.prefix) + 1 :]
+        match = _FANOUT_JOB_RE.match(rest)
+        if match is not None:
+            return match[2]
+        _, _, integration = rest.partition(":")
+        return integration or None
 
 
 def pair_member(event_id: str, integration: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from shared.contract import job_serializer
+from shared.contract import Keys, job_serializer
 from shared.inspection import fanout_batches
 from shared.payload import decoder
 from shared.store import Rejected, Store
@@ -40,7 +40,7 @@ async def erase_learner(
     redis, keys = store.redis, store.keys
     wanted_email = email.casefold() if email else None
 
-    events: dict[str, str] = {}  # event id -> attempt id
+    events: dict[str, tuple[str, str]] = {}  # event id -> (attempt id, exam id)
     async for key in redis.scan_iter(match=f"{keys.prefix}:event:*", count=1000):
         body = await redis.get(key)
         if body is None:
@@ -52,29 +52,24 @@ async def erase_learner(
         if (user_id and event.user.id == user_id) or (
             wanted_email and event.user.email.casefold() == wanted_email
         ):
-            events[key.decode().rsplit(":", 1)[1]] = event.attempt.id
+            events[key.decode().rsplit(":", 1)[1]] = (event.attempt.id, event.exam.id)
 
     rejected_ids = await _matching_rejected(store, user_id, wanted_email)
 
     to_delete: list[str] = []
     queue_members: list[str] = []
     failure_members: list[str] = []
-    for event_id, attempt_id in events.items():
+    exam_members: list[tuple[str, str]] = []
+    for event_id, (attempt_id, exam_id) in events.items():
         to_delete += [keys.event(event_id), keys.seen(event_id), keys.latest(attempt_id)]
-        handle_job = keys.handle_job_id(event_id)
-        queue_members.append(handle_job)
-        to_delete += [f"arq:job:{handle_job}", f"arq:retry:{handle_job}"]
-        for pattern in (
-            f"{keys.prefix}:pair:{event_id}:*",
-            f"{keys.prefix}:attempts:{event_id}:*",
-            f"{keys.prefix}:delivered:{event_id}:*",
-            f"{keys.prefix}:lock:{event_id}:*",
-        ):
+        exam_members.append((keys.exam(exam_id), event_id))
+        for pattern in keys.per_pair_patterns(event_id):
             to_delete += [k.decode() async for k in redis.scan_iter(match=pattern, count=1000)]
-        async for job_key in redis.scan_iter(match=f"arq:job:{handle_job}:*", count=1000):
-            job_id = job_key.decode().removeprefix("arq:job:")
+        # the event's retry jobs (P:E:I)
+        async for job_key in redis.scan_iter(match=keys.job(keys.deliver_job_id(event_id, "*")), count=1000):
+            job_id = job_key.decode().removeprefix(Keys.ARQ_JOB)
             queue_members.append(job_id)
-            to_delete += [job_key.decode(), f"arq:retry:{job_id}"]
+            to_delete += [job_key.decode(), keys.job_retry(job_id)]
         failure_members += [
             m.decode()
             for m in await redis.zrange(keys.failures, 0, -1)
@@ -84,7 +79,7 @@ async def erase_learner(
         queue_members += [
             m.decode()
             for m in await redis.zrange(keys.queue, 0, -1)
-            if m.decode().startswith(f"{handle_job}:")
+            if m.decode().startswith(keys.deliver_job_id(event_id, ""))
         ]
     to_delete += [keys.rejected_item(r) for r in rejected_ids]
     batches = await _fanout_jobs_carrying(store, set(events)) if events else []
@@ -108,6 +103,8 @@ async def erase_learner(
             pipe.zrem(keys.queue, *set(queue_members))
         if failure_members:
             pipe.zrem(keys.failures, *failure_members)
+        for exam_key, event_id in exam_members:
+            pipe.zrem(exam_key, event_id)
         if events:
             pipe.zrem(keys.unmatched, *events)
         if rejected_ids:
@@ -120,23 +117,25 @@ async def erase_learner(
         queued, index = int(results[index]), index + 1
     if failure_members:
         failures, index = int(results[index]), index + 1
+    index += len(exam_members)
     if events:
         index += 1
     if rejected_ids:
         rejected = int(results[index])
     # a fan-out job that also carries other learners' events goes back without these
     rewrite = redis.register_script(_REWRITE_JOB)
+    payload_ttl = store.payload_ttl_ms
     for job_id, raw, job, keep in batches:
         new_id = keys.new_fanout_job_id(len(keep)) if keep else ""
         done = await rewrite(
             keys=[
                 keys.queue,
-                f"arq:job:{job_id}",
-                f"arq:in-progress:{job_id}",
-                f"arq:retry:{job_id}",
-                f"arq:job:{new_id}",
+                keys.job(job_id),
+                keys.in_progress(job_id),
+                keys.job_retry(job_id),
+                keys.job(new_id),
             ],
-            args=[job_id, raw, new_id, job_serializer({**job, "a": [keep]}), store.payload_ttl_ms],
+            args=[job_id, raw, new_id, job_serializer({**job, "a": [keep, *job["a"][1:]]}), payload_ttl],
         )
         queued += int(done)  # 0: it started meanwhile (README, Personal data)
     return ErasureReport(sorted(events), deleted, queued, failures, rejected)

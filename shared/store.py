@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
+from typing import Any, Literal, cast
 
 import msgspec
 from redis.asyncio import Redis
@@ -26,6 +27,7 @@ from shared.contract import (
     encode_job,
     fanout_entry,
     fanout_job_template,
+    pair_member,
 )
 from shared.contract import event_id as identify
 from shared.contract import released_ms as release_time
@@ -58,18 +60,51 @@ class Incoming:
     attempt_id: str
     released_ms: int
     body: bytes
+    exam_id: str = ""
 
     @classmethod
     def of(cls, event: ExamResultsReleased, body: bytes) -> Incoming:
         """The decoded ``event`` as received in ``body``, with its identity."""
-        return cls(identify(event), event.attempt.id, release_time(event), body)
+        return cls(identify(event), event.attempt.id, release_time(event), body, event.exam.id)
+
+
+ClaimState = Literal[
+    "ok", "delivered", "superseded", "purged", "scheduled", "expired", "locked", "recovering"
+]
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    state: str
+    """What claim.lua answered for one pair."""
+
+    state: ClaimState
     attempts_so_far: int = 0
+    # a previous attempt may have reached the destination (it never recorded an outcome,
+    # or its outcome was unknown)
     interrupted: bool = False
+    # a previous attempt that never recorded an outcome had handed its message over
+    handed_over: bool = False
+    # locked / recovering: how long until the pair may be tried (ms)
+    wait_ms: int = 0
+    # when the receiver accepted the event (ms; 0 once unknown)
+    received_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeRecord:
+    """One attempt's outcome, as written by :meth:`Store.record_many`."""
+
+    event_id: str
+    integration: str
+    token: str
+    record: AttemptRecord
+    retry_in_ms: int = 0
+    retry_job: bytes | None = None
+    maybe_sent: bool = False  # the destination may have it: the next attempt is told
+    unknown: bool = False  # the outcome itself was unknown (counted)
+
+
+AttemptOutcome = Literal["delivered", "retry", "failed"]
 
 
 class AttemptRecord(msgspec.Struct, omit_defaults=True):
@@ -78,10 +113,12 @@ class AttemptRecord(msgspec.Struct, omit_defaults=True):
     attempt: int
     at: int  # epoch ms
     duration_ms: float
-    outcome: str  # delivered | retry | failed
+    outcome: AttemptOutcome
     status: str | None = None  # HTTP status, SMTP code...
     error: str | None = None
     retry_in_seconds: float | None = None
+    # the attempt's outcome was unknown (sent, no answer); see on_unknown_outcome
+    outcome_unknown: bool = False
 
 
 class Rejected(msgspec.Struct):
@@ -107,20 +144,12 @@ class Store:
         self._ingest = redis.register_script(_script("ingest"))
         self._claim = redis.register_script(_script("claim"))
         self._record = redis.register_script(_script("record"))
+        self._release = redis.register_script(_script("release"))
+        self._keep_lock = redis.register_script(_script("keep_lock"))
+        self._enqueue = redis.register_script(_script("enqueue"))
+        self._unmatched = redis.register_script(_script("unmatched"))
         self._retry = redis.register_script(_script("retry"))
         self._purge = redis.register_script(_script("purge"))
-        self._release = redis.register_script(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-        )
-        self._unmatched = redis.register_script(
-            "local added = redis.call('ZADD', KEYS[1], 'NX', ARGV[1], ARGV[2])"
-            " redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])"
-            " if added == 1 then redis.call('HINCRBY', KEYS[2], 'unmatched', 1) end return added"
-        )
-        self._enqueue = redis.register_script(
-            "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then"
-            " redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[4]) return 1 end return 0"
-        )
 
     @property
     def payload_ttl_ms(self) -> int:
@@ -139,11 +168,14 @@ class Store:
     # -- receiver ----------------------------------------------------------------------
 
     async def accept_batch(self, events: list[Incoming]) -> list[bool]:
-        """Queue events, in ``handle_events`` jobs; True = accepted, False = duplicate."""
+        """Queue events, in ``handle_events`` jobs; True = accepted, False = duplicate.
+        All or nothing (see ingest.lua): when this raises, no event of the batch is recorded
+        as seen, so the sender's retry is accepted."""
+        k = self.keys
         now = now_ms()
         head, tail = fanout_job_template(now)
+        keys: list[Any] = [k.queue, k.stats, k.exams, k.job_key_space]
         args: list[Any] = [
-            self.keys.prefix,
             now,
             self.retention.dedup_window_seconds * 1000,
             self.payload_ttl_ms,
@@ -151,35 +183,40 @@ class Store:
             MAX_EVENTS_PER_JOB,
             head,
             tail,
+            Keys.ARQ_JOB,
+            k.fanout_job_id_prefix,
             secrets.token_hex(12),  # job ids from every receiver never meet
         ]
         for e in events:
+            keys += [k.seen(e.event_id), k.event(e.event_id), k.latest(e.attempt_id), k.exam(e.exam_id)]
             args += [
                 e.event_id,
-                e.attempt_id,
                 e.released_ms,
                 e.body,
                 fanout_entry(e.event_id, e.attempt_id, e.released_ms),
+                e.exam_id,
             ]
-        result = await self._evalsha_packed(self._ingest, args)
+        result = await self._evalsha_packed(self._ingest, keys, args)
         return [bool(r) for r in result]
 
-    async def _evalsha_packed(self, script: AsyncScript, args: list[Any]) -> Any:
-        """``script(args=args)``, with the command packed here and sent on a pooled connection.
+    async def _evalsha_packed(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        """``script(keys, args)``, with the command packed here and sent on a pooled connection.
 
-        The receiver's batch has five arguments per event; redis-py's general packer and
+        The receiver's batch has nine values per event; redis-py's general packer and
         command path cost ~12 µs per event more than this (a tenth of the receiver's CPU).
         """
         pool = self.redis.connection_pool
         connection = await pool.get_connection()
         try:
+            command = ["EVALSHA", script.sha, len(keys), *keys, *args]
             try:
-                return await _command(connection, ["EVALSHA", script.sha, 0, *args])
+                return await _command(connection, command)
             except NoScriptError:
                 # a restarted or another server: load the script, then once more
                 sha = await _command(connection, ["SCRIPT", "LOAD", script.script])
                 script.sha = sha.decode() if isinstance(sha, bytes) else sha
-                return await _command(connection, ["EVALSHA", script.sha, 0, *args])
+                command[1] = script.sha
+                return await _command(connection, command)
         finally:
             await pool.release(connection)
 
@@ -216,15 +253,20 @@ class Store:
         *,
         token: str,
         lock_ttl_ms: int,
-        mode: str,
+        mode: Literal["first", "retry"],
         with_body: bool,
         attempt_id: str = "",
         released_ms: int | str = "",
+        recovery_grace_ms: int = 5000,
     ) -> tuple[bytes | None, list[Claim]]:
         """Claim pairs of one event in one round trip: (body if asked for, one Claim per name)."""
+        k = self.keys
+        keys = [k.event(event_id), k.stats, k.failures, k.seen(event_id)]
+        for name in integrations:
+            keys += [k.pair(event_id, name), k.lock(event_id, name), k.delivered(event_id, name)]
         result = await self._claim(
+            keys=keys,
             args=[
-                self.keys.prefix,
                 event_id,
                 attempt_id,
                 released_ms,
@@ -234,15 +276,51 @@ class Store:
                 self.payload_ttl_ms,
                 mode,
                 "1" if with_body else "0",
+                k.latest_prefix,
+                recovery_grace_ms,
                 *integrations,
-            ]
+            ],
         )
-        body = result[0] or None
+        body, received = result[0] or None, int(result[1])
         claims = [
-            Claim(state.decode(), int(attempts), interrupted == b"1")
-            for state, attempts, interrupted in result[1:]
+            Claim(state.decode(), int(attempts), interrupted == b"1", handed == b"1", int(wait), received)
+            for state, attempts, interrupted, handed, wait in result[2:]
         ]
         return body, claims
+
+    def _record_call(self, outcome: OutcomeRecord) -> tuple[list[Any], list[Any]]:
+        k = self.keys
+        e, i, record = outcome.event_id, outcome.integration, outcome.record
+        job_id = k.deliver_job_id(e, i)
+        keys = [
+            k.pair(e, i),
+            k.attempts(e, i),
+            k.event(e),
+            k.failures,
+            k.stats,
+            k.lock(e, i),
+            k.delivered(e, i),
+            k.queue,
+            k.job(job_id),
+        ]
+        args: list[Any] = [
+            pair_member(e, i),
+            outcome.token,
+            record.at,
+            record.outcome,
+            _attempt_encoder.encode(record),
+            record.error or "",
+            self.payload_ttl_ms,
+            self.delivered_ttl_ms,
+            self.failure_ttl_ms,
+            "1" if outcome.maybe_sent else "0",
+            outcome.retry_in_ms,
+            outcome.retry_job or b"",
+            job_id,
+            k.latest_prefix,
+            "1" if outcome.unknown else "0",
+        ]
+        return keys, args
 
     async def record(
         self,
@@ -254,57 +332,83 @@ class Store:
         retry_in_ms: int = 0,
         retry_job: bytes | None = None,
         uncertain: bool = False,
+        unknown: bool = False,
     ) -> int:
         """Record one attempt's outcome (see record.lua). ``retry_job``: enqueue the pair's
         retry job, due in ``retry_in_ms``; ``uncertain``: it may have been sent (a timeout)."""
-        args: list[Any] = [
-            self.keys.prefix,
+        outcome = OutcomeRecord(
             event_id,
             integration,
             token,
-            record.at,
-            record.outcome,
-            _attempt_encoder.encode(record),
-            record.error or "",
-            self.payload_ttl_ms,
-            self.delivered_ttl_ms,
-            self.failure_ttl_ms,
-            "1" if uncertain else "0",
+            record,
             retry_in_ms,
-            retry_job or b"",
-        ]
-        return int(await self._record(args=args))
+            retry_job,
+            maybe_sent=uncertain,
+            unknown=unknown,
+        )
+        keys, args = self._record_call(outcome)
+        return int(await self._record(keys=keys, args=args))
 
-    async def release(self, event_id: str, integration: str, token: str) -> None:
-        """Give up a pair's lock without recording an outcome (shutdown mid-attempt)."""
-        await self._release(keys=[self.keys.lock(event_id, integration)], args=[token])
+    async def record_many(self, outcomes: list[OutcomeRecord]) -> list[int | BaseException]:
+        """Record several outcomes in one round trip. Each is its own atomic script: the
+        answer per outcome is its attempt count, or the error Redis gave for it (a refused
+        write); a lost connection raises (which of them ran is unknown: each is idempotent)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for outcome in outcomes:
+                keys, args = self._record_call(outcome)
+                await self._record(keys=keys, args=args, client=pipe)  # queued, sent by execute()
+            results = await pipe.execute(raise_on_error=False)
+        return [r if isinstance(r, BaseException) else int(r) for r in results]
+
+    async def release(self, event_id: str, integration: str, token: str, *, may_have_sent: bool) -> bool:
+        """Give up a pair's claim without recording an outcome (see release.lua)."""
+        k = self.keys
+        released = await self._release(
+            keys=[k.lock(event_id, integration), k.pair(event_id, integration)],
+            args=[token, "1" if may_have_sent else "0"],
+        )
+        return bool(released)
+
+    async def keep_locks(self, locks: list[tuple[str, str, str]], ttl_ms: int) -> None:
+        """Extend (or take again) the locks of pairs whose outcomes wait to be recorded:
+        (event id, integration, token) each (see keep_lock.lua)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for event_id, integration, token in locks:
+                lock = self.keys.lock(event_id, integration)
+                await self._keep_lock(keys=[lock], args=[token, ttl_ms], client=pipe)
+            await pipe.execute(raise_on_error=False)
+
+    async def mark_handed_over(self, event_id: str, integration: str, token: str) -> None:
+        """Note, before an irrevocable hand-over (an email's DATA), that this attempt is
+        handing its message over: should the worker die before recording an outcome, the
+        next attempt knows the message may have arrived."""
+        await cast(Awaitable[int], self.redis.hset(self.keys.pair(event_id, integration), "handed", token))
+
+    async def enqueue_jobs(self, jobs: list[tuple[str, bytes, int]]) -> int:
+        """Queue arq jobs (job id, job bytes, run at ms), each unless one of that id exists."""
+        if not jobs:
+            return 0
+        keys = [self.keys.queue, *(self.keys.job(job_id) for job_id, _, _ in jobs)]
+        args: list[Any] = [self.payload_ttl_ms]
+        for job_id, job, run_at in jobs:
+            args += [job, run_at, job_id]
+        return int(await self._enqueue(keys=keys, args=args))
 
     async def enqueue_deliver(self, event_id: str, integration: str, *, defer_ms: int = 0) -> None:
         """Schedule the pair's ``deliver`` job unless it is already queued."""
-        run_at = now_ms() + defer_ms
+        now = now_ms()
         job_id = self.keys.deliver_job_id(event_id, integration)
-        await self._enqueue(
-            keys=[f"arq:job:{job_id}", self.keys.queue],
-            args=[
-                encode_job(DELIVER, (event_id, integration), now_ms()),
-                self.payload_ttl_ms,
-                run_at,
-                job_id,
-            ],
-        )
+        await self.enqueue_jobs([(job_id, encode_job(DELIVER, (event_id, integration), now), now + defer_ms)])
 
-    async def enqueue_fanout(self, events: list[tuple[str, str, int]], *, defer_ms: int = 0) -> None:
-        """Queue a new ``handle_events`` job for these events (at most MAX_EVENTS_PER_JOB)."""
-        job_id = self.keys.new_fanout_job_id(len(events))
-        await self._enqueue(
-            keys=[f"arq:job:{job_id}", self.keys.queue],
-            args=[
-                encode_job(HANDLE_EVENTS, (events,), now_ms()),
-                self.payload_ttl_ms,
-                now_ms() + defer_ms,
-                job_id,
-            ],
-        )
+    async def enqueue_fanout(
+        self, events: list[tuple[str, str, int]], *, integration: str | None = None, defer_ms: int = 0
+    ) -> None:
+        """Queue a new ``handle_events`` job for these events (at most MAX_EVENTS_PER_JOB),
+        for every integration or only ``integration``."""
+        now = now_ms()
+        args: tuple[Any, ...] = (events,) if integration is None else (events, integration)
+        job_id = self.keys.new_fanout_job_id(len(events), integration)
+        await self.enqueue_jobs([(job_id, encode_job(HANDLE_EVENTS, args, now), now + defer_ms)])
 
     async def record_unmatched(self, event_id: str) -> bool:
         """Note an event no integration's filter matched; False if it was noted already."""
