@@ -47,6 +47,14 @@ class When(Base, frozen=True):
     custom_attributes: dict[str, str | int | float | bool | None] | None = None
 
 
+# What to do when a send's outcome is unknown: it was handed over and no answer came
+# (a timeout after an email's DATA, an HTTP request that timed out), or a worker died
+# after handing it over. "retry": send again (the destination may get it twice; http sends
+# the same Idempotency-Key); "fail": keep it as a failure for an operator to look at
+# (`examhook failures retry` sends it again); "delivered": count it as delivered.
+UnknownOutcomePolicy = Literal["retry", "fail", "delivered"]
+
+
 class IntegrationBase(Base, tag_field="type", kw_only=True, frozen=True):
     name: IntegrationName
     when: When = When()
@@ -54,6 +62,19 @@ class IntegrationBase(Base, tag_field="type", kw_only=True, frozen=True):
     max_attempts: PositiveInt = 10
     backoff_base_seconds: PositiveFloat = 5.0
     backoff_max_seconds: PositiveFloat = 1800.0
+    # Sends at once to this integration, per worker process (its lane: worker/lanes.py).
+    # Default: worker.concurrency for http, the pool size for email and postgres, 4 for file.
+    concurrency: PositiveInt | None = None
+    # Default: "fail" for email (a learner must never get two copies), "retry" otherwise.
+    on_unknown_outcome: UnknownOutcomePolicy | None = None
+
+    @property
+    def unknown_outcome_policy(self) -> UnknownOutcomePolicy:
+        return self.on_unknown_outcome or "retry"
+
+    def lane_capacity(self, worker_concurrency: int) -> int:
+        """Sends at once per worker process (``concurrency``, else the type's default)."""
+        return self.concurrency or worker_concurrency
 
 
 class HttpIntegration(IntegrationBase, tag="http", kw_only=True, frozen=True):
@@ -64,6 +85,10 @@ class HttpIntegration(IntegrationBase, tag="http", kw_only=True, frozen=True):
 
 class FileIntegration(IntegrationBase, tag="file", kw_only=True, frozen=True):
     path: str
+
+    def lane_capacity(self, worker_concurrency: int) -> int:
+        # appends take a file lock one at a time; a few in flight keep it busy
+        return self.concurrency or 4
 
 
 class EmailIntegration(IntegrationBase, tag="email", kw_only=True, frozen=True):
@@ -81,6 +106,16 @@ class EmailIntegration(IntegrationBase, tag="email", kw_only=True, frozen=True):
     fail_subject_template: str | None = None
     fail_text_template: str | None = None
     fail_html_template: str | None = None
+    # SMTP connections each worker process keeps open, and so messages in flight at once.
+    # timeout_seconds bounds one conversation on one connection, not the wait for one.
+    pool_size: PositiveInt = 5
+
+    @property
+    def unknown_outcome_policy(self) -> UnknownOutcomePolicy:
+        return self.on_unknown_outcome or "fail"
+
+    def lane_capacity(self, worker_concurrency: int) -> int:
+        return min(self.concurrency or self.pool_size, self.pool_size)
 
 
 class PostgresIntegration(IntegrationBase, tag="postgres", kw_only=True, frozen=True):
@@ -88,6 +123,11 @@ class PostgresIntegration(IntegrationBase, tag="postgres", kw_only=True, frozen=
     # at most 55 characters, so "<table>_current" and index names fit PostgreSQL's 63
     table: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,54}$")] = "exam_results"
     pool_max_size: PositiveInt = 5
+
+    def lane_capacity(self, worker_concurrency: int) -> int:
+        # more at once than the pool has connections would only wait inside the pool, where
+        # the wait would count against timeout_seconds
+        return min(self.concurrency or self.pool_max_size, self.pool_max_size)
 
 
 Integration = HttpIntegration | FileIntegration | EmailIntegration | PostgresIntegration
@@ -112,6 +152,8 @@ class ReceiverConfig(Base, frozen=True):
 class WorkerConfig(Base, frozen=True):
     concurrency: PositiveInt = 50
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    # where a worker's /metrics listens (0.0.0.0 to let a Prometheus on another host scrape)
+    metrics_host: str = "127.0.0.1"
     health_check_interval_seconds: PositiveInt = 10
     # arq's job timeout; by default the largest integration timeout plus 10 s.
     job_timeout_seconds: PositiveFloat | None = None
@@ -214,7 +256,8 @@ def settings_from_dict(raw: dict[str, Any], source: str | None = None) -> Settin
     if "source" in raw:
         raise ConfigError(f"{where}source: unknown key")
     try:
-        settings = msgspec.convert({**raw, "source": source}, Settings)
+        # strict=False: a number or boolean may come as text, e.g. from "${METRICS_PORT}"
+        settings = msgspec.convert({**raw, "source": source}, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(where + _describe(exc)) from None
     _check(settings, where)

@@ -1,12 +1,17 @@
-"""One delivery attempt of one (event, integration) pair, and the fan-out of an event.
+"""Delivery of events to integrations: the fan-out of an event, and one attempt of a pair.
 
 The steps are the same for every integration type:
 
-1. **claim** (one Lua call): skip if already delivered or superseded by a newer
-   release; otherwise take the pair's lock and mark the attempt in flight;
-2. **send** through the integration, bounded by its timeout;
-3. **record** (one Lua call): the attempt's outcome, and atomically with it the
-   "delivered" marker, the failure record, or the retry job.
+1. **claim** (one Lua call per event): skip a pair already delivered, superseded by a
+   newer release or being sent elsewhere; otherwise take its lock and mark it in flight;
+2. **wait for the integration's lane** (worker/lanes.py): its own share of this process,
+   so a slow integration never holds up another; a pair whose lane cannot start it soon is
+   handed on to a later job instead (durably, before the job ends);
+3. **send** through the integration, bounded by its timeout;
+4. **decide** (worker/decisions.py): delivered, retry after a backoff, or failed;
+5. **record** (worker/outcomes.py, one Lua call per batch): the outcome, and atomically
+   with it the "delivered" marker, the failure record or the retry job; kept and written
+   later if Redis refuses it, never dropped.
 """
 
 from __future__ import annotations
@@ -15,35 +20,55 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Literal
 
-from shared.contract import DELIVER, Keys, encode_job, pair_member, released_ms
+from shared.contract import DELIVER, MAX_EVENTS_PER_JOB, Keys, encode_job, pair_member, released_ms
 from shared.payload import ExamResultsReleased, decoder
 from shared.settings import Settings, When, job_deadline_seconds
-from shared.store import AttemptRecord, Claim, Store, new_token, now_ms
-from worker.backoff import backoff_seconds
+from shared.store import AttemptRecord, Claim, OutcomeRecord, Store, new_token, now_ms
+from worker.decisions import Decision, decide
 from worker.filters import matches
-from worker.integrations.base import Delivery, Integration, PermanentError, TransientError
+from worker.integrations.base import (
+    Delivery,
+    DeliveryError,
+    Integration,
+    TransientError,
+    UnknownOutcome,
+)
+from worker.lanes import Lane
 from worker.metrics import WorkerMetrics
+from worker.outcomes import OutcomeJournal
 
 log = logging.getLogger("examhook.worker")
 
-# When another worker holds a pair's lock, look again after this long.
-LOCKED_RETRY_SECONDS = 5.0
-# Events a fan-out job had no time left for are queued again, due after this long.
-POSTPONED_DEFER_MS = 1000
+# A fan-out job sends a pair itself only when its lane would start it within this long;
+# otherwise the pair is handed on to a job of its own (a slow integration never keeps the
+# job, and so the worker's job slots, waiting).
+INLINE_WAIT_SECONDS = 0.1
+# A job handed on for one integration waits for its lane up to this long.
+HANDED_ON_WAIT_SECONDS = 2.0
+# A claim that finds a pair's previous attempt unfinished waits this long before sending it
+# again: the worker that sent it may still be alive and about to record its outcome.
+RECOVERY_GRACE_MS = 5000
+# How long a send may overrun its integration's own timeout before it is cut (a backstop:
+# every integration enforces timeout_seconds itself).
+BACKSTOP_SECONDS = 5.0
+# How long a cancelled attempt waits for its lock to be released.
+RELEASE_WAIT_SECONDS = 0.2
 EXPIRED_ERROR = "payload expired before delivery (retention.payload_seconds)"
 
-
-class NoTimeLeft(Exception):
-    """Too little of the job's run (or of the shutdown grace) is left to start another
-    attempt after waiting for a slot; nothing was claimed. The job runs again."""
+OutcomeState = Literal["delivered", "retry", "failed", "skipped", "waiting"]
+Event = tuple[str, str, int]  # (event id, attempt id, released ms), as in a fan-out job
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    state: str  # delivered | retry | failed | skipped
+    """What became of one pair in one job: ``waiting`` means not attempted (its lane was
+    busy, or it is being sent elsewhere) and due again in ``retry_in`` seconds."""
+
+    state: OutcomeState
     retry_in: float | None = None
 
 
@@ -62,17 +87,20 @@ class Deliverer:
         self.integrations = integrations
         self.metrics = metrics
         self.lock_ttl_ms = int(settings.job_timeout_seconds * 1000)
+        self.lanes = {
+            name: Lane(name, i.config.lane_capacity(concurrency)) for name, i in integrations.items()
+        }
+        self.journal = OutcomeJournal(store, lock_ttl_ms=self.lock_ttl_ms)
+        metrics.outcomes_waiting.set_function(lambda: self.journal.waiting)
         # with no filter anywhere, every integration takes every event: no need to read the body first
         self._all_take_all = all(i.config.when == When() for i in integrations.values())
-        self._recording: set[asyncio.Future[int]] = set()  # records finishing after a cancel
-        # Events (fan-out) or pairs (retries) being handled at once, whatever the jobs carry:
-        # a destination never sees more than workers x concurrency requests from examhook.
-        self._slots = asyncio.Semaphore(concurrency)
-        # What an attempt may take: the slowest integration's timeout, plus claim and record
-        # (up to 1 s, less when the job's run leaves less: a run always has room for one).
-        slowest = max((i.config.timeout_seconds for i in integrations.values()), default=0.0)
+        # What one attempt may take: the integration's timeout, plus claim and record (up to
+        # 1 s, less when the job's run leaves less: a run always has room for one).
         run = job_deadline_seconds(settings.job_timeout_seconds)
-        self.attempt_seconds = slowest + min(1.0, max(0.0, run - slowest) / 2)
+        self.attempt_seconds: dict[str, float] = {
+            name: i.config.timeout_seconds + min(1.0, max(0.0, run - i.config.timeout_seconds) / 2)
+            for name, i in integrations.items()
+        }
         self._stop_starting_at: float | None = None  # loop time: shutdown grace ends
 
     def stop_starting(self, grace_seconds: float) -> None:
@@ -81,292 +109,367 @@ class Deliverer:
         if self._stop_starting_at is None:
             self._stop_starting_at = asyncio.get_running_loop().time() + grace_seconds
 
-    @contextlib.asynccontextmanager
-    async def _slot(self, deadline: float | None) -> AsyncIterator[None]:
-        """One of ``concurrency`` slots, taken before the claim.
+    def _start_by(self, name: str, deadline: float | None) -> float:
+        """The latest loop time an attempt of ``name`` may start and still end before the job's
+        ``deadline`` and the end of a shutdown grace (else the cut would make it run again)."""
+        ends = [t for t in (deadline, self._stop_starting_at) if t is not None]
+        end: float = min(ends) if ends else float("inf")
+        return end - self.attempt_seconds[name]
 
-        The slot is used only if a whole attempt still fits before the job's ``deadline``
-        (loop time) and the end of a shutdown grace; otherwise the deadline would cut the
-        send midway and the job's next run would send it again. ``NoTimeLeft`` instead:
-        nothing claimed, nothing sent. (An event that gets its slot at once always fits.)
-        """
-        async with self._slots:
-            ends = [t for t in (deadline, self._stop_starting_at) if t is not None]
-            if ends and min(ends) - asyncio.get_running_loop().time() < self.attempt_seconds:
-                raise NoTimeLeft
-            yield
+    async def _take_lane(self, name: str, deadline: float | None) -> bool:
+        """A slot of the lane of ``name`` in time for a whole attempt (see :meth:`_start_by`,
+        checked again once the slot came: a shutdown may have begun meanwhile)."""
+        lane = self.lanes[name]
+        if not await lane.acquire(self._start_by(name, deadline)):
+            return False
+        if asyncio.get_running_loop().time() > self._start_by(name, deadline):
+            lane.release()
+            return False
+        return True
 
-    async def drain(self) -> None:
-        """Wait for records still being written after their job was cancelled (shutdown)."""
-        if self._recording:
-            await asyncio.wait(set(self._recording), timeout=10)
+    async def drain(self, within: float = 10.0) -> None:
+        """Write the outcomes still waiting (shutdown)."""
+        await self.journal.close(within)
+
+    # -- the handle_events job -----------------------------------------------------------
 
     async def handle_events(
-        self, events: list[tuple[str, str, int]], *, deadline: float | None = None
+        self, events: list[Event], integration: str | None = None, *, deadline: float | None = None
     ) -> str:
-        """The ``handle_events`` job: :meth:`handle_event` for each of its events, all at once.
+        """The ``handle_events`` job: the first attempt of each event's pairs (only
+        ``integration``'s, for a job handed on), all at once.
 
         Every event runs to its end even if another fails (nothing is left running unowned);
-        then a failure fails the job, which runs again: events already attempted are skipped
-        by their claims, the rest are sent. Events left for lack of time go to a new job
-        (any worker may take it; this job's try count does not grow while slots are busy).
-        """
+        the pairs whose lanes were busy are handed on to new jobs; then a failure fails the
+        job, which runs again: pairs already attempted are skipped by their claims."""
+        handed_on: dict[str, list[Event]] = defaultdict(list)
         results = await asyncio.gather(
-            *(
-                self.handle_event(e, attempt_id, released, deadline=deadline)
-                for e, attempt_id, released in events
-            ),
+            *(self._fan_out(event, integration, deadline, handed_on) for event in events),
             return_exceptions=True,
         )
+        await self._hand_on(handed_on)
         for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, NoTimeLeft):
+            if isinstance(result, BaseException):
                 raise result
-        postponed = [
-            (e, attempt_id, released)
-            for (e, attempt_id, released), result in zip(events, results, strict=True)
-            if isinstance(result, NoTimeLeft)
-        ]
-        if postponed:
-            await self.store.enqueue_fanout(postponed, defer_ms=POSTPONED_DEFER_MS)
-            log.info("no time left in this run: events queued again", extra={"events": len(postponed)})
-        return f"{len(results) - len(postponed)} events, {len(postponed)} queued again"
+        moved = sum(len(v) for v in handed_on.values())
+        return f"{len(events)} events" + (f", {moved} pairs handed on" if moved else "")
 
-    async def handle_event(
+    async def _fan_out(
         self,
-        event_id: str,
-        attempt_id: str | None = None,
-        released: int | None = None,
-        *,
-        deadline: float | None = None,
-    ) -> str:
-        """The ``handle_event`` job: first attempt for every integration whose filter matches.
-
-        When no integration filters and the job carries the attempt id and release time,
-        the body comes back with the claims: one round trip before sending.
-        """
-        async with self._slot(deadline):
-            return await self._handle_event(event_id, attempt_id, released)
-
-    async def _handle_event(self, event_id: str, attempt_id: str | None, released: int | None) -> str:
-        everyone = list(self.integrations.values())
-        token = new_token()
-        if attempt_id is not None and released is not None and self._all_take_all:
-            targets = everyone
-            body, claims = await self.store.claim(
-                event_id,
-                [i.name for i in targets],
-                token=token,
-                lock_ttl_ms=self.lock_ttl_ms,
-                mode="first",
-                with_body=True,
-                attempt_id=attempt_id,
-                released_ms=released,
-            )
-            if body is None:
-                return await self._expired(event_id)
-            event = decoder.decode(body)
-        else:
+        event: Event,
+        only: str | None,
+        deadline: float | None,
+        handed_on: dict[str, list[Event]],
+    ) -> None:
+        event_id, attempt_id, released = event
+        names = [only] if only is not None else list(self.integrations)
+        names = [n for n in names if n in self.integrations]
+        if only is not None and not names:
+            await self._not_configured(event_id, only)
+            return
+        body: bytes | None = None
+        decoded: ExamResultsReleased | None = None
+        filtered = not (self._all_take_all or all(self.integrations[n].config.when == When() for n in names))
+        if filtered:
             body = await self.store.redis.get(self.keys.event(event_id))
             if body is None:
-                return await self._expired(event_id)
-            event = decoder.decode(body)
-            targets = [i for i in everyone if matches(i.config.when, event)]
-            claims = []
-            if targets:
-                _, claims = await self.store.claim(
-                    event_id,
-                    [i.name for i in targets],
-                    token=token,
-                    lock_ttl_ms=self.lock_ttl_ms,
-                    mode="first",
-                    with_body=False,
-                    attempt_id=event.attempt.id,
-                    released_ms=released_ms(event),
-                )
-        if not targets:
-            if await self.store.record_unmatched(event_id):  # not on a rerun of the job
-                self.metrics.unmatched.inc()
-                log.info("matched no integration", extra={"event_id": event_id})
-            return "unmatched"
+                await self._expired(event_id, names)
+                return
+            decoded = decoder.decode(body)
+            names = [n for n in names if matches(self.integrations[n].config.when, decoded)]
+            if not names:
+                if only is None and await self.store.record_unmatched(event_id):  # not on a rerun
+                    self.metrics.unmatched.inc()
+                    log.info("matched no integration", extra={"event_id": event_id})
+                return
+            attempt_id, released = decoded.attempt.id, released_ms(decoded)
+        loop = asyncio.get_running_loop()
+        budget = HANDED_ON_WAIT_SECONDS if only is not None else INLINE_WAIT_SECONDS
+        now_here: list[str] = []
+        for name in names:
+            start_by = self._start_by(name, deadline)
+            wait = self.lanes[name].expected_wait()
+            if wait <= budget and loop.time() + wait <= start_by:
+                now_here.append(name)
+            else:
+                handed_on[name].append((event_id, attempt_id, released))
+        if not now_here:
+            return
+        token = new_token()
+        fetched, claims = await self.store.claim(
+            event_id,
+            now_here,
+            token=token,
+            lock_ttl_ms=self.lock_ttl_ms,
+            mode="first",
+            with_body=body is None,
+            attempt_id=attempt_id,
+            released_ms=released,
+            recovery_grace_ms=RECOVERY_GRACE_MS,
+        )
+        if body is None:
+            body = fetched
+            if body is None:
+                await self._expired(event_id, now_here)
+                return
+            decoded = decoder.decode(body)
+        assert decoded is not None
         # every attempt runs to its end even if one fails: no sibling is left running unowned
         results = await asyncio.gather(
             *(
-                self.attempt(event_id, i, c, token=token, mode="first", body=body, event=event)
-                for i, c in zip(targets, claims, strict=True)
+                self._first_attempt(event_id, name, claim, token, body, decoded, deadline, handed_on)
+                for name, claim in zip(now_here, claims, strict=True)
             ),
             return_exceptions=True,
         )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        outcomes = [r for r in results if isinstance(r, Outcome)]
-        return ",".join(f"{i.name}={o.state}" for i, o in zip(targets, outcomes, strict=True))
 
-    async def _expired(self, event_id: str) -> str:
-        """The body is gone before the first attempt (retention ran out while queued): make it
-        a visible failure for every integration rather than drop it silently."""
-        failures = self.keys.failures
-        redis = self.store.redis
-        # a rerun of the job (a sibling event failed, or ran out of time) records nothing twice
-        names = [
-            n for n in self.integrations if await redis.zscore(failures, pair_member(event_id, n)) is None
-        ]
-        if names:
-            log.warning("event expired before delivery", extra={"event_id": event_id})
-        for name in names:
-            await self._record_failure(event_id, name, EXPIRED_ERROR)
-        return "expired"
+    async def _first_attempt(
+        self,
+        event_id: str,
+        name: str,
+        claim: Claim,
+        token: str,
+        body: bytes,
+        event: ExamResultsReleased,
+        deadline: float | None,
+        handed_on: dict[str, list[Event]],
+    ) -> Outcome:
+        if claim.state in ("locked", "recovering"):
+            # being sent elsewhere (or its sender may still record it): look again later, in a
+            # job of its own
+            wait_ms = claim.wait_ms if claim.state == "recovering" else self.lock_ttl_ms
+            await self.store.enqueue_deliver(event_id, name, defer_ms=wait_ms)
+            return Outcome("waiting", wait_ms / 1000)
+        if claim.state != "ok":
+            return await self._not_sent(event_id, name, claim, token)
+        lane = self.lanes[name]
+        if not await self._take_lane(name, deadline):
+            # the lane stayed busy longer than expected: nothing was sent, hand it on
+            await self.store.release(event_id, name, token, may_have_sent=False)
+            handed_on[name].append((event_id, event.attempt.id, released_ms(event)))
+            return Outcome("waiting")
+        try:
+            return await self._attempt(event_id, name, claim, token, body, event, mode="first")
+        finally:
+            lane.release()
 
-    async def _record_failure(self, event_id: str, name: str, error: str, token: str = "") -> None:
-        record = AttemptRecord(attempt=0, at=now_ms(), duration_ms=0, outcome="failed", error=error)
-        # a token of its own when it holds no claim: a re-sent record is then recognised
-        await self.store.record(event_id, name, token=token or new_token(), record=record)
-        self.metrics.deliveries.labels(name, "failed").inc()
+    async def _hand_on(self, handed_on: dict[str, list[Event]]) -> None:
+        """Queue jobs for the pairs whose lanes were busy: one ``handle_events`` job per
+        integration and up to MAX_EVENTS_PER_JOB events, due when the lane should have room."""
+        for name, events in handed_on.items():
+            lane = self.lanes.get(name)
+            for start in range(0, len(events), MAX_EVENTS_PER_JOB):
+                chunk = events[start : start + MAX_EVENTS_PER_JOB]
+                delay = lane.book(len(chunk)) if lane is not None else 0.0
+                await self.store.enqueue_fanout(chunk, integration=name, defer_ms=int(delay * 1000))
+                self.metrics.handed_on.labels(name).inc(len(chunk))
+            log.info(
+                "lane busy: pairs handed on to a later job", extra={"integration": name, "pairs": len(events)}
+            )
+
+    # -- the deliver job -------------------------------------------------------------------
 
     async def deliver(self, event_id: str, name: str, *, deadline: float | None = None) -> Outcome:
         """The ``deliver`` job: one more attempt of a pair (retries, ``failures retry``)."""
         integration = self.integrations.get(name)
         if integration is None:
-            log.error("integration is not configured here", extra={"event_id": event_id, "integration": name})
-            await self._record_failure(
-                event_id, name, f"integration {name!r} is not configured on this worker"
-            )
+            await self._not_configured(event_id, name)
             return Outcome("failed")
-        async with self._slot(deadline):
+        lane = self.lanes[name]
+        start_by = self._start_by(name, deadline)
+        loop = asyncio.get_running_loop()
+        if loop.time() + lane.expected_wait() > start_by or not await self._take_lane(name, deadline):
+            return Outcome("waiting", max(lane.book(1), 0.5))  # not attempted: no attempt spent
+        try:
             token = new_token()
             body, [claim] = await self.store.claim(
-                event_id, [name], token=token, lock_ttl_ms=self.lock_ttl_ms, mode="retry", with_body=True
+                event_id,
+                [name],
+                token=token,
+                lock_ttl_ms=self.lock_ttl_ms,
+                mode="retry",
+                with_body=True,
+                recovery_grace_ms=RECOVERY_GRACE_MS,
             )
-            event = decoder.decode(body) if body is not None else None
-            return await self.attempt(
-                event_id, integration, claim, token=token, mode="retry", body=body, event=event
-            )
+            if claim.state in ("locked", "recovering"):
+                wait_ms = claim.wait_ms if claim.state == "recovering" else self.lock_ttl_ms
+                return Outcome("waiting", wait_ms / 1000)
+            if claim.state != "ok":
+                return await self._not_sent(event_id, name, claim, token)
+            assert body is not None
+            return await self._attempt(event_id, name, claim, token, body, decoder.decode(body), mode="retry")
+        finally:
+            lane.release()
 
-    async def attempt(
+    # -- one attempt -----------------------------------------------------------------------
+
+    async def _attempt(
         self,
         event_id: str,
-        integration: Integration,  # type: ignore[type-arg]
+        name: str,
         claim: Claim,
-        *,
         token: str,
-        mode: str,
-        body: bytes | None,
-        event: ExamResultsReleased | None,
+        body: bytes,
+        event: ExamResultsReleased,
+        *,
+        mode: Literal["first", "retry"],
     ) -> Outcome:
-        """Send one claimed pair and record the outcome."""
-        name = integration.name
+        """Send one claimed pair (its lane slot held), decide, and record the outcome."""
+        integration = self.integrations[name]
         config = integration.config
-        if claim.state == "locked":
-            if mode == "retry":
-                return Outcome("retry", LOCKED_RETRY_SECONDS)
-            await self.store.enqueue_deliver(event_id, name, defer_ms=self.lock_ttl_ms)
-            return Outcome("skipped")
-        if claim.state == "expired":
-            log.warning("payload expired before delivery", extra={"event_id": event_id, "integration": name})
-            await self._record_failure(event_id, name, EXPIRED_ERROR, token)
-            return Outcome("failed")
-        if claim.state != "ok":  # delivered, superseded, scheduled, purged
-            self.metrics.skipped.labels(name, claim.state).inc()
-            log.info("not sent: %s", claim.state, extra={"event_id": event_id, "integration": name})
-            return Outcome("skipped")
-        assert body is not None
-        assert event is not None
         number = claim.attempts_so_far + 1
-        delivery = Delivery(event_id, body, event, number, claim.interrupted)
+        handed = False
+
+        async def hand_over() -> None:
+            nonlocal handed
+            await self.store.mark_handed_over(event_id, name, token)
+            handed = True
 
         started_at = now_ms()
         started = time.perf_counter()
-        status: str | None = None
-        error: str | None = None
-        retry_after: float | None = None
-        uncertain = False  # the outcome is unknown: it may have been sent
-        try:
+        result: str | DeliveryError
+        if claim.handed_over and config.unknown_outcome_policy != "retry":
+            # the previous attempt handed the message over and its worker stopped before
+            # hearing back: the policy, not a second copy
+            result = UnknownOutcome("an earlier attempt handed it over, then its worker stopped")
+        else:
+            delivery = Delivery(event_id, body, event, number, claim.interrupted, hand_over)
             try:
                 # the integration enforces its own timeout; this is the backstop
-                async with asyncio.timeout(config.timeout_seconds + 5):
-                    status = await integration.deliver(delivery)
-                outcome = "delivered"
-            except TransientError as exc:
-                outcome, status, error, retry_after = "retry", exc.status, exc.message, exc.retry_after
-            except PermanentError as exc:
-                outcome, status, error = "failed", exc.status, exc.message
+                async with asyncio.timeout(config.timeout_seconds + BACKSTOP_SECONDS):
+                    result = await integration.deliver(delivery)
+            except DeliveryError as exc:
+                result = exc
             except TimeoutError:
-                outcome, error = "retry", f"timed out after {config.timeout_seconds:g}s"
-                uncertain = True
+                result = UnknownOutcome(f"timed out after {config.timeout_seconds:g}s")
             except Exception as exc:  # a bug or an unforeseen error: retry, and say so loudly
                 log.exception(
                     "integration raised unexpectedly", extra={"event_id": event_id, "integration": name}
                 )
-                outcome, error = "retry", f"{exc.__class__.__name__}: {exc}"
-        except asyncio.CancelledError:
-            # shutting down or out of time: no outcome, no attempt spent; the job runs again.
-            # Freeing the lock is a courtesy (it expires anyway): never wait long for Redis here,
-            # and well inside the smallest margin between the job's deadline and arq's timeout
-            # (20% of job_timeout_seconds), past which arq would drop the job.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self.store.release(event_id, name, token)), 0.2)
-            raise
+                result = TransientError(f"{exc.__class__.__name__}: {exc}")
+            except asyncio.CancelledError:
+                # shutting down or out of time: no outcome, no attempt spent; the job runs again.
+                # Freeing the lock is a courtesy (it expires anyway): never wait long for Redis
+                # here, and well inside the smallest margin between the job's deadline and
+                # arq's timeout (20% of job_timeout_seconds), past which arq would drop the job.
+                may_have_sent = handed or not integration.marks_hand_over
+                release = self.store.release(event_id, name, token, may_have_sent=may_have_sent)
+                with contextlib.suppress(Exception):  # Redis away: the lock expires by itself
+                    await asyncio.wait_for(asyncio.shield(release), RELEASE_WAIT_SECONDS)
+                raise
         duration = time.perf_counter() - started
+        if not claim.handed_over or config.unknown_outcome_policy == "retry":
+            self.lanes[name].observe(duration)
+        decision = decide(result, attempt=number, config=config)
+        await self._record(event_id, name, token, number, started_at, duration, decision, mode)
+        self._count(event_id, name, number, duration, decision, claim)
+        if decision.outcome == "retry" and mode == "retry":
+            return Outcome("retry", decision.retry_in)
+        return Outcome(decision.outcome)
 
-        retry_in: float | None = None
-        if outcome == "retry":
-            if number >= config.max_attempts:
-                outcome = "failed"
-                error = f"{error} (gave up after {number} attempts)"
-            else:
-                retry_in = backoff_seconds(
-                    number, config.backoff_base_seconds, config.backoff_max_seconds, retry_after
-                )
+    async def _record(
+        self,
+        event_id: str,
+        name: str,
+        token: str,
+        number: int,
+        started_at: int,
+        duration: float,
+        decision: Decision,
+        mode: Literal["first", "retry"],
+    ) -> None:
+        retry_in = decision.retry_in
         record = AttemptRecord(
             attempt=number,
             at=started_at,
             duration_ms=round(duration * 1000, 2),
-            outcome=outcome,
-            status=status,
-            error=error,
+            outcome=decision.outcome,
+            status=decision.status,
+            error=decision.error,
             retry_in_seconds=round(retry_in, 3) if retry_in is not None else None,
+            outcome_unknown=decision.unknown,
         )
         retry_job = None
         if retry_in is not None and mode == "first":
             retry_job = encode_job(DELIVER, (event_id, name), now_ms())
-        # The send happened: its record must land even if this job is cancelled meanwhile
-        # (deadline, shutdown, Redis slow to come back), or the pair would be sent again.
-        recording = asyncio.ensure_future(
-            self.store.record(
-                event_id,
-                name,
-                token=token,
-                record=record,
-                retry_in_ms=int((retry_in or 0) * 1000),
-                retry_job=retry_job,
-                uncertain=uncertain,
-            )
+        outcome = OutcomeRecord(
+            event_id,
+            name,
+            token,
+            record,
+            retry_in_ms=int((retry_in or 0) * 1000),
+            retry_job=retry_job,
+            maybe_sent=decision.maybe_sent,
+            unknown=decision.unknown,
         )
-        self._recording.add(recording)
-        recording.add_done_callback(self._recording.discard)
-        await asyncio.shield(recording)
+        # The send happened: its record lands even if this job is cancelled meanwhile (the
+        # journal keeps it), or the pair would be sent again.
+        await asyncio.shield(self.journal.write(outcome))
 
-        self.metrics.deliveries.labels(name, outcome).inc()
-        self.metrics.attempt_seconds.labels(name).observe(duration)
-        log_level = logging.WARNING if outcome == "failed" else logging.INFO
-        log.log(
-            log_level,
-            "delivery %s",
-            outcome,
-            extra={
-                "event_id": event_id,
-                "integration": name,
-                "attempt": number,
-                "outcome": outcome,
-                "status": status,
-                "duration_ms": record.duration_ms,
-                **({"retry_in": record.retry_in_seconds} if retry_in is not None else {}),
-                **({"error": _short(error)} if error and outcome != "delivered" else {}),
-            },
-        )
-        if outcome == "retry" and mode == "retry":
-            return Outcome("retry", retry_in)
-        return Outcome(outcome)
+    def _count(
+        self, event_id: str, name: str, number: int, duration: float, decision: Decision, claim: Claim
+    ) -> None:
+        metrics = self.metrics
+        metrics.deliveries.labels(name, decision.outcome).inc()
+        metrics.attempt_seconds.labels(name).observe(duration)
+        if decision.unknown:
+            metrics.unknown_outcomes.labels(name).inc()
+        if decision.outcome == "delivered" and claim.received_ms:
+            metrics.lag_seconds.labels(name).observe(max(0.0, (now_ms() - claim.received_ms) / 1000))
+        level = logging.WARNING if decision.outcome == "failed" or decision.unknown else logging.INFO
+        extra: dict[str, object] = {
+            "event_id": event_id,
+            "integration": name,
+            "attempt": number,
+            "outcome": decision.outcome,
+            "status": decision.status,
+            "duration_ms": round(duration * 1000, 2),
+        }
+        if decision.retry_in is not None:
+            extra["retry_in"] = round(decision.retry_in, 3)
+        if decision.unknown:
+            extra["outcome_unknown"] = True
+        if decision.error and decision.outcome != "delivered":
+            extra["error"] = _short(decision.error)
+        log.log(level, "delivery %s", decision.outcome, extra=extra)
+
+    # -- pairs not sent ----------------------------------------------------------------------
+
+    async def _not_sent(self, event_id: str, name: str, claim: Claim, token: str) -> Outcome:
+        """A claim that did not take the pair: delivered, superseded, scheduled, purged, expired."""
+        if claim.state == "expired":
+            log.warning("payload expired before delivery", extra={"event_id": event_id, "integration": name})
+            await self._record_failure(event_id, name, EXPIRED_ERROR, token)
+            return Outcome("failed")
+        self.metrics.skipped.labels(name, claim.state).inc()
+        log.info("not sent: %s", claim.state, extra={"event_id": event_id, "integration": name})
+        return Outcome("skipped")
+
+    async def _not_configured(self, event_id: str, name: str) -> None:
+        log.error("integration is not configured here", extra={"event_id": event_id, "integration": name})
+        await self._record_failure(event_id, name, f"integration {name!r} is not configured on this worker")
+
+    async def _expired(self, event_id: str, names: list[str]) -> None:
+        """The body is gone before the first attempt (retention ran out while queued): make it
+        a visible failure for each integration rather than drop it silently."""
+        failures = self.keys.failures
+        redis = self.store.redis
+        # a rerun of the job (a sibling event failed, or ran out of time) records nothing twice
+        names = [n for n in names if await redis.zscore(failures, pair_member(event_id, n)) is None]
+        if names:
+            log.warning("event expired before delivery", extra={"event_id": event_id})
+        for name in names:
+            await self._record_failure(event_id, name, EXPIRED_ERROR)
+
+    async def _record_failure(self, event_id: str, name: str, error: str, token: str = "") -> None:
+        record = AttemptRecord(attempt=0, at=now_ms(), duration_ms=0, outcome="failed", error=error)
+        # a token of its own when it holds no claim: a re-sent record is then recognised
+        outcome = OutcomeRecord(event_id, name, token or new_token(), record)
+        await asyncio.shield(self.journal.write(outcome))
+        self.metrics.deliveries.labels(name, "failed").inc()
 
 
 def _short(error: str) -> str:

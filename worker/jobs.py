@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from arq import Retry
 
 from shared.settings import Settings, job_deadline_seconds
-from worker.delivery import Deliverer, NoTimeLeft
+from worker.delivery import Deliverer
 
 log = logging.getLogger("examhook.worker")
 
@@ -24,8 +24,6 @@ T = TypeVar("T")
 
 # How soon a job interrupted by an outage or an error runs again.
 RERUN_SECONDS = 2.0
-# How soon a job left for lack of time runs again (the slots were busy).
-NO_TIME_LEFT_RERUN_SECONDS = 1.0
 
 
 def job_deadline(settings: Settings) -> float:
@@ -43,10 +41,6 @@ async def _guarded(ctx: dict[str, Any], job: str, deadline: float, work: Awaitab
             return await work
     except Retry:
         raise
-    except NoTimeLeft:
-        # back-pressure, not a fault (a fan-out job queues such events anew instead)
-        log.info("no time left for another attempt; the job runs again", extra={"job": job})
-        raise Retry(defer=NO_TIME_LEFT_RERUN_SECONDS) from None
     except TimeoutError:
         log.warning("job ran out of time; it will run again", extra={"job": job})
     except Exception as exc:  # Redis away, or a bug: keep the job rather than lose the event
@@ -54,23 +48,14 @@ async def _guarded(ctx: dict[str, Any], job: str, deadline: float, work: Awaitab
     raise Retry(defer=RERUN_SECONDS)
 
 
-async def handle_event(
-    ctx: dict[str, Any], event_id: str, attempt_id: str | None = None, released_ms: int | None = None
+async def handle_events(
+    ctx: dict[str, Any], events: list[tuple[str, str, int]], integration: str | None = None
 ) -> str:
     deliverer: Deliverer = ctx["deliverer"]
     deadline = _deadline(ctx)
     return await _guarded(
-        ctx,
-        "handle_event",
-        deadline,
-        deliverer.handle_event(event_id, attempt_id, released_ms, deadline=deadline),
+        ctx, "handle_events", deadline, deliverer.handle_events(events, integration, deadline=deadline)
     )
-
-
-async def handle_events(ctx: dict[str, Any], events: list[tuple[str, str, int]]) -> str:
-    deliverer: Deliverer = ctx["deliverer"]
-    deadline = _deadline(ctx)
-    return await _guarded(ctx, "handle_events", deadline, deliverer.handle_events(events, deadline=deadline))
 
 
 async def deliver(ctx: dict[str, Any], event_id: str, integration: str) -> str:
@@ -79,7 +64,8 @@ async def deliver(ctx: dict[str, Any], event_id: str, integration: str) -> str:
     outcome = await _guarded(
         ctx, "deliver", deadline, deliverer.deliver(event_id, integration, deadline=deadline)
     )
-    if outcome.state == "retry" and outcome.retry_in is not None:
-        # arq puts the same job back in the queue, due after the backoff
+    if outcome.state in ("retry", "waiting") and outcome.retry_in is not None:
+        # arq puts the same job back in the queue, due after the backoff (or when the pair's
+        # lane should have room, or its lock expires: then no attempt was spent)
         raise Retry(defer=outcome.retry_in)
     return outcome.state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from signal import Signals
@@ -17,13 +18,15 @@ from redis.exceptions import AuthenticationError, RedisError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared.contract import DELIVER, HANDLE_EVENT, HANDLE_EVENTS, Keys, job_deserializer, job_serializer
+from shared.contract import DELIVER, HANDLE_EVENTS, Keys, job_deserializer, job_serializer
+from shared.redis_check import advice, missing_permissions
 from shared.redis_conn import arq_pool, close_sentinels, redis_client
-from shared.settings import Settings
+from shared.settings import ConfigError, Settings
 from shared.store import Store
 from worker import integrations, jobs
 from worker.delivery import Deliverer
 from worker.metrics import WorkerMetrics
+from worker.registry import Registry
 
 log = logging.getLogger("examhook.worker")
 
@@ -50,18 +53,39 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["session"] = session
     ctx["integrations"] = built
     ctx["deliverer"] = Deliverer(settings, store, built, metrics, concurrency=ctx["concurrency"])
-    if settings.worker.metrics_port is not None and "metrics_server" not in ctx:
-        from prometheus_client import start_http_server
+    port = ctx.get("metrics_port", settings.worker.metrics_port)
+    if port is not None and "metrics_server" not in ctx:
+        ctx["metrics_server"] = _serve_metrics(metrics, settings.worker.metrics_host, port)
+    registry = ctx["registry"] = Registry(ctx["redis"], store.keys, settings)
+    try:
+        await registry.report()
+    except (RedisError, OSError) as exc:  # e.g. Redis full: the next health check tries again
+        log.warning("could not register this worker in Redis", extra={"error": _describe(exc)})
+    lanes = {name: lane.capacity for name, lane in ctx["deliverer"].lanes.items()}
+    log.info("worker ready", extra={"integrations": ",".join(f"{n} ({c} at once)" for n, c in lanes.items())})
 
-        # a small thread serving this process's /metrics (each worker needs its own port)
-        ctx["metrics_server"] = start_http_server(settings.worker.metrics_port, registry=metrics.registry)
-    log.info("worker ready", extra={"integrations": ",".join(built) or "(none)"})
+
+def _serve_metrics(metrics: WorkerMetrics, host: str, port: int) -> Any:
+    """A small thread serving this process's ``/metrics``."""
+    from prometheus_client import start_http_server
+
+    try:
+        return start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"worker.metrics_port: cannot serve metrics on {host}:{port} ({exc.strerror}); every worker"
+            " process on a host needs its own port: `examhook worker --metrics-port P`"
+        ) from None
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     deliverer: Deliverer | None = ctx.get("deliverer")
     if deliverer is not None:
         await deliverer.drain()
+    registry: Registry | None = ctx.get("registry")
+    if registry is not None:
+        with contextlib.suppress(RedisError, OSError):  # else its entry goes stale by itself
+            await registry.leave()
     for integration in ctx.get("integrations", {}).values():
         await integration.close()
     session = ctx.get("session")
@@ -86,14 +110,21 @@ def worker_settings(
     concurrency: int | None = None,
     handle_signals: bool = True,
     poll_delay: float | None = None,
+    metrics_port: int | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``arq.worker.Worker`` (what arq calls ``WorkerSettings``)."""
+    """Keyword arguments for ``arq.worker.Worker`` (what arq calls ``WorkerSettings``).
+    A worker without integrations is a configuration error: it would take events and
+    deliver them nowhere."""
+    if not settings.integrations:
+        where = settings.source or "no configuration file found; defaults and environment"
+        raise ConfigError(
+            f"no integrations configured ({where}): a worker needs at least one [[integrations]] table"
+        )
     keys = Keys(settings.redis.prefix)
     concurrency = concurrency or settings.worker.concurrency
     return {
         "functions": [
             func(jobs.handle_events, name=HANDLE_EVENTS),
-            func(jobs.handle_event, name=HANDLE_EVENT),
             func(jobs.deliver, name=DELIVER),
         ],
         "queue_name": keys.queue,
@@ -123,7 +154,11 @@ def worker_settings(
         "job_completion_wait": settings.worker.shutdown_grace_seconds,
         "burst": burst,
         "handle_signals": handle_signals,
-        "ctx": {"settings": settings, "concurrency": concurrency},
+        "ctx": {
+            "settings": settings,
+            "concurrency": concurrency,
+            "metrics_port": settings.worker.metrics_port if metrics_port is None else metrics_port,
+        },
     }
 
 
@@ -152,13 +187,19 @@ class ExamhookWorker(Worker):
     async def _wait_for_redis(self) -> None:
         """Say that the worker is waiting for Redis, and why (arq logged every failed connection
         attempt; our pool retries quietly). A refusal that waiting cannot mend, such as a wrong
-        password, is raised."""
-        probe = redis_client(self.ctx["settings"])  # fails fast, no retries: each failure is seen
+        password, is raised, and so is a Redis user lacking a permission examhook needs (a
+        ConfigError: exit 2)."""
+        settings: Settings = self.ctx["settings"]
+        probe = redis_client(settings)  # fails fast, no retries: each failure is seen
         next_warning = 0.0
         try:
             while True:
                 try:
                     await probe.ping()
+                    keys = Keys(settings.redis.prefix)
+                    problems = await missing_permissions(probe, keys)
+                    if problems:
+                        raise ConfigError("; ".join(problems) + f" ({advice(keys)})")
                     return
                 except AuthenticationError:
                     raise
@@ -196,8 +237,6 @@ class ExamhookWorker(Worker):
             async with asyncio.timeout_at(ends):
                 await asyncio.gather(*self.tasks.values(), return_exceptions=True)
                 self.tasks.clear()
-                if "redis" in self.ctx:  # it ever reached Redis (not stopped while waiting for it)
-                    await self.pool.delete(self.health_check_key)
         except (TimeoutError, RedisError, OSError) as exc:
             log.warning(
                 "shutdown could not finish its Redis work; exiting anyway (interrupted jobs run"
@@ -219,6 +258,15 @@ class ExamhookWorker(Worker):
         finally:
             self._pool = None
 
+    async def record_health(self) -> None:
+        """arq's health record, and this worker's entry in ``P:workers`` (``worker --check``
+        answers for the workers of its own host from it)."""
+        before = self._last_health_check
+        await super().record_health()
+        registry: Registry | None = self.ctx.get("registry")
+        if registry is not None and self._last_health_check != before:
+            await registry.report()
+
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
@@ -239,10 +287,22 @@ class ExamhookWorker(Worker):
             )
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq's ``start_jobs``, except that a Redis error while claiming a job gives its slot
-        (``sem`` and ``job_counter``) back and leaves the job queued for the next poll; arq's
-        own leaks the slot and lets the error end the worker."""
+        """arq's ``start_jobs``, except that
+
+        * a job for one integration (a retry, a job handed on for a lane) is left queued while
+          that integration's lane here is full: it waits in Redis, where any worker with room
+          takes it, rather than in this process, holding one of its job slots (so a slow
+          integration's backlog never takes the slots the others' jobs need);
+        * a Redis error while claiming a job gives its slot (``sem`` and ``job_counter``) back
+          and leaves the job queued for the next poll; arq's own leaks the slot and lets the
+          error end the worker."""
+        deliverer: Deliverer | None = self.ctx.get("deliverer")
+        keys = Keys(self.ctx["settings"].redis.prefix)
         for job_id_b in job_ids:
+            if deliverer is not None:
+                lane = deliverer.lanes.get(keys.lane_of(job_id_b.decode()) or "")
+                if lane is not None and lane.full:
+                    continue
             await self.sem.acquire()
             if self.job_counter >= self.max_jobs:
                 self.sem.release()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class WorkerMetrics:
@@ -30,5 +30,29 @@ class WorkerMetrics:
         self.unmatched = Counter(
             "examhook_worker_unmatched_events",
             "Events that matched no integration's filter.",
+            registry=self.registry,
+        )
+        self.unknown_outcomes = Counter(
+            "examhook_worker_unknown_outcomes",
+            "Sends whose outcome was unknown (handed over, no answer): see on_unknown_outcome.",
+            ["integration"],
+            registry=self.registry,
+        )
+        self.handed_on = Counter(
+            "examhook_worker_handed_on",
+            "Pairs a fan-out job handed on to a later job because the integration's lane was busy.",
+            ["integration"],
+            registry=self.registry,
+        )
+        self.lag_seconds = Histogram(
+            "examhook_worker_delivery_lag_seconds",
+            "End to end: the receiver accepting the event to its delivery being recorded.",
+            ["integration"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600, 14400, 86400),
+            registry=self.registry,
+        )
+        self.outcomes_waiting = Gauge(
+            "examhook_worker_outcomes_waiting",
+            "Outcomes of finished sends this worker could not record yet (Redis refused them).",
             registry=self.registry,
         )

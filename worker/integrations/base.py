@@ -9,11 +9,16 @@ Attempts, backoff, records and "never twice" are handled around it, in
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from shared.payload import ExamResultsReleased
 from shared.settings import IntegrationBase
+
+
+async def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,9 +27,13 @@ class Delivery:
     body: bytes  # exactly as received from Synap
     event: ExamResultsReleased
     attempt: int  # 1 for the first attempt of this round
-    # A previous attempt started and never recorded an outcome (a crash mid-send):
-    # integrations that can, check whether it already landed.
+    # A previous attempt started and never recorded an outcome (a crash mid-send), or its
+    # outcome was unknown: integrations that can, check whether it already landed.
     maybe_sent_before: bool = False
+    # An integration whose send has one irrevocable step (an email's DATA) awaits this just
+    # before it (see :attr:`Integration.marks_hand_over`); it raises if the mark could not be
+    # made, and then nothing must be sent.
+    hand_over: Callable[[], Awaitable[None]] = _nothing
 
 
 class DeliveryError(Exception):
@@ -46,11 +55,23 @@ class PermanentError(DeliveryError):
     """Retrying cannot help: other 4xx, invalid address, SMTP 5xx, schema errors..."""
 
 
+class UnknownOutcome(TransientError):
+    """It was handed over and no answer came (a timeout or a lost connection while waiting
+    for the reply): the destination may have it. What follows is the integration's
+    ``on_unknown_outcome`` policy (worker/decisions.py)."""
+
+
 ConfigT = TypeVar("ConfigT", bound=IntegrationBase)
 
 
 class Integration(Generic[ConfigT]):
     """Base class: one instance per configured integration per worker process."""
+
+    # True when deliver() awaits ``delivery.hand_over()`` before its irrevocable step: a
+    # crash before that step then means "not sent" (sent again without doubt), after it
+    # "outcome unknown" (the on_unknown_outcome policy). Otherwise any unfinished attempt
+    # counts as "maybe sent before".
+    marks_hand_over: bool = False
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config

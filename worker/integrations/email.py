@@ -2,12 +2,13 @@
 
 Subject, text and HTML bodies are Jinja2 templates (built-in defaults in
 ``worker/integrations/templates/``; operators may supply their own, and separate
-ones for failed results). One SMTP connection per worker process is kept open and
-reused for every send while the server allows it. See ``docs/email.md``.
+ones for failed results). Each worker process keeps a pool of up to ``pool_size`` SMTP
+connections open and reuses them while the server allows it. See ``docs/email.md``.
 
 Outcomes: ``"250"`` on success; :class:`PermanentError` for an invalid address,
 an SMTP 5xx answer, a broken template or an unusable server (no STARTTLS, no AUTH);
-:class:`TransientError` for connection errors, timeouts and SMTP 4xx answers.
+:class:`TransientError` for connection errors, timeouts and SMTP 4xx answers;
+:class:`UnknownOutcome` for a timeout or a lost connection after the message was handed over.
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ from shared.contract import event_id as compute_event_id
 from shared.logs import mask_email
 from shared.payload import ExamResultsReleased, decoder
 from shared.settings import EmailIntegration
-from worker.integrations.base import Delivery, Integration, PermanentError, TransientError
+from worker.integrations.base import (
+    Delivery,
+    DeliveryError,
+    Integration,
+    PermanentError,
+    TransientError,
+    UnknownOutcome,
+)
 
 log = logging.getLogger("examhook.worker.email")
 
@@ -329,6 +337,9 @@ def check_templates(config: EmailIntegration) -> list[str]:
 
 
 _ADDRESS_IN_TEXT_RE = re.compile(r"[^\s<>()\[\]\"',;:@]+@[A-Za-z0-9.-]+")
+# what aiosmtplib does to a message before DATA: CRLF line endings, a leading "." doubled
+_LINE_ENDINGS_RE = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
+_LEADING_PERIOD_RE = re.compile(rb"(?m)^\.")
 
 
 def _scrub(text: str) -> str:
@@ -346,12 +357,33 @@ def _smtp_error(exc: aiosmtplib.SMTPResponseException, stage: str) -> NoReturn:
     raise PermanentError(message, status=str(exc.code)) from None
 
 
+def _data_payload(data: bytes) -> bytes:
+    data = _LINE_ENDINGS_RE.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return _LEADING_PERIOD_RE.sub(b"..", data) + b".\r\n"
+
+
 class EmailDelivery(Integration[EmailIntegration]):
+    """One pool of up to ``pool_size`` SMTP connections per worker process, each kept open
+    and reused while the server allows it. ``timeout_seconds`` bounds one conversation on
+    one connection (connecting included), never the wait for a free connection (the
+    integration's lane, at most ``pool_size`` at once, does the waiting).
+
+    Exactly once while the server answers within the timeout: the message is handed over
+    (the DATA content sent) only after the hand-over is marked in Redis, so a worker that
+    dies before it leaves a pair that is sent again without doubt; a timeout or a lost
+    connection after it is an unknown outcome (``on_unknown_outcome``, "fail" by default).
+    """
+
+    marks_hand_over = True
+
     def __init__(self, config: EmailIntegration) -> None:
         super().__init__(config)
         self.port = config.smtp_port or DEFAULT_PORTS[config.tls]
-        self._client: aiosmtplib.SMTP | None = None
-        self._lock = asyncio.Lock()
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._in_use: set[aiosmtplib.SMTP] = set()
+        self._gate = asyncio.Semaphore(config.pool_size)
         #: SMTP connections opened so far by this instance (for logs and tests).
         self.connections_opened = 0
 
@@ -360,17 +392,22 @@ class EmailDelivery(Integration[EmailIntegration]):
             log.warning("email integration misconfigured: %s", problem, extra={"integration": self.name})
 
     async def close(self) -> None:
-        async with self._lock:
-            client, self._client = self._client, None
-            if client is None or not client.is_connected:
-                return
-            try:
-                async with asyncio.timeout(min(self.config.timeout_seconds, 5.0)):
-                    await client.quit()
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                pass
-            finally:
-                client.close()
+        idle, self._idle = self._idle, []
+        for client in idle:
+            await self._quit(client)
+        for client in list(self._in_use):
+            client.close()
+
+    async def _quit(self, client: aiosmtplib.SMTP) -> None:
+        if not client.is_connected:
+            return
+        try:
+            async with asyncio.timeout(min(self.config.timeout_seconds, 5.0)):
+                await client.quit()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            pass
+        finally:
+            client.close()
 
     # -- message
 
@@ -408,47 +445,35 @@ class EmailDelivery(Integration[EmailIntegration]):
 
     async def deliver(self, delivery: Delivery) -> str:
         message, sender, recipients = self.build_message(delivery)
-        timeout = self.config.timeout_seconds
-        acquired = False
-        try:
-            async with asyncio.timeout(timeout):
-                async with self._lock:
-                    acquired = True
-                    status = await self._send(message, sender, recipients)
-        except TimeoutError:
-            if not acquired:
-                raise TransientError(
-                    f"timed out after {timeout:g}s waiting for the SMTP connection (busy)"
-                ) from None
-            self._drop()
-            raise TransientError(f"timed out after {timeout:g}s") from None
+        async with self._gate:  # a free connection: not part of the timeout
+            send = _Send(self, delivery, message, sender, recipients)
+            status = await send.run()
         log.debug(
             "email sent",
             extra={"event_id": delivery.event_id, "to": mask_email(recipients[0]), "status": status},
         )
         return status
 
-    async def _send(self, message: EmailMessage, sender: str, recipients: list[str]) -> str:
-        """One mail transaction on the shared connection (lock held)."""
-        client = self._client
-        reused = client is not None and client.is_connected
-        if not reused:
-            client = await self._connect()
-        assert client is not None
-        try:
-            return await self._transaction(client, message, sender, recipients)
-        except _StaleConnection as stale:
-            self._drop()
-            if not reused:
-                stale.raise_classified()
-        # The server dropped an idle connection before taking anything: once more, fresh.
-        log.debug("SMTP connection was closed by the server; reconnecting", extra={"integration": self.name})
-        client = await self._connect()
-        try:
-            return await self._transaction(client, message, sender, recipients)
-        except _StaleConnection as stale:
-            self._drop()
-            stale.raise_classified()
+    def _take(self) -> aiosmtplib.SMTP | None:
+        while self._idle:
+            client = self._idle.pop()
+            if client.is_connected:
+                self._in_use.add(client)
+                return client
+            client.close()
+        return None
+
+    def _give_back(self, client: aiosmtplib.SMTP) -> None:
+        self._in_use.discard(client)
+        if client.is_connected:
+            self._idle.append(client)
+        else:
+            client.close()
+
+    def _drop(self, client: aiosmtplib.SMTP | None) -> None:
+        if client is not None:
+            self._in_use.discard(client)
+            client.close()
 
     async def _connect(self) -> aiosmtplib.SMTP:
         config = self.config
@@ -487,16 +512,82 @@ class EmailDelivery(Integration[EmailIntegration]):
             client.close()
             raise
         self.connections_opened += 1
-        self._client = client
+        self._in_use.add(client)
         log.debug(
             "connected to SMTP server",
             extra={"integration": self.name, "host": config.smtp_host, "port": self.port, "tls": config.tls},
         )
         return client
 
-    async def _transaction(
-        self, client: aiosmtplib.SMTP, message: EmailMessage, sender: str, recipients: list[str]
-    ) -> str:
+
+class _Send:
+    """One message over one connection of the pool: the conversation and its timeout."""
+
+    def __init__(
+        self,
+        owner: EmailDelivery,
+        delivery: Delivery,
+        message: EmailMessage,
+        sender: str,
+        recipients: list[str],
+    ) -> None:
+        self.owner = owner
+        self.delivery = delivery
+        self.message = message
+        self.sender = sender
+        self.recipients = recipients
+        self.client: aiosmtplib.SMTP | None = None
+        self.handed_over = False  # the DATA content went out: the server may have the message
+
+    async def run(self) -> str:
+        timeout = self.owner.config.timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):
+                status = await self._converse()
+        except TimeoutError:
+            self.owner._drop(self.client)
+            if self.handed_over:
+                raise UnknownOutcome(
+                    f"no answer to DATA within {timeout:g}s (the server may have it)"
+                ) from None
+            raise TransientError(f"timed out after {timeout:g}s") from None
+        except DeliveryError:
+            # an answer the conversation survived (the envelope was reset) keeps its connection
+            if self.client is not None:
+                self.owner._give_back(self.client)
+            raise
+        except BaseException:
+            self.owner._drop(self.client)
+            raise
+        assert self.client is not None
+        self.owner._give_back(self.client)
+        return status
+
+    async def _converse(self) -> str:
+        owner = self.owner
+        self.client = owner._take()
+        reused = self.client is not None
+        if self.client is None:
+            self.client = await owner._connect()
+        try:
+            return await self._transaction(self.client)
+        except _StaleConnection as stale:
+            owner._drop(self.client)
+            self.client = None
+            if not reused:
+                stale.raise_classified()
+        # The server dropped an idle connection before taking anything: once more, fresh.
+        log.debug("SMTP connection was closed by the server; reconnecting", extra={"integration": owner.name})
+        self.client = await owner._connect()
+        try:
+            return await self._transaction(self.client)
+        except _StaleConnection as stale:
+            owner._drop(self.client)
+            self.client = None
+            stale.raise_classified()
+
+    async def _transaction(self, client: aiosmtplib.SMTP) -> str:
+        sender, recipients = self.sender, self.recipients
         stage = "MAIL"
         try:
             if client.is_ehlo_or_helo_needed:
@@ -510,7 +601,7 @@ class EmailDelivery(Integration[EmailIntegration]):
             eight_bit = client.supports_extension("8bitmime")
             if eight_bit:
                 options.append("BODY=8BITMIME")
-            data = flatten_message(message, utf8=utf8, cte_type="8bit" if eight_bit else "7bit")
+            data = flatten_message(self.message, utf8=utf8, cte_type="8bit" if eight_bit else "7bit")
             encoding = "utf-8" if utf8 else "ascii"
             await client.mail(sender, options=options, encoding=encoding)
             stage = "RCPT"
@@ -523,49 +614,73 @@ class EmailDelivery(Integration[EmailIntegration]):
                 except aiosmtplib.SMTPRecipientRefused:
                     refused_bcc += 1
             stage = "DATA"
-            response = await client.data(data)
+            response = await self._data(client, data)
         except aiosmtplib.SMTPResponseException as exc:
             if exc.code == 421 and stage == "MAIL":  # "closing channel" before anything was taken
                 raise _StaleConnection(exc, stage) from None
             await self._reset(client, exc)
             _smtp_error(exc, stage)
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-            self._drop()
+            self.owner._drop(client)
+            self.client = None
             if stage == "MAIL":
                 raise _StaleConnection(exc, stage) from None
+            if self.handed_over:
+                raise UnknownOutcome(f"connection lost after DATA: {_reason(exc)}") from None
             raise TransientError(f"connection lost at {stage}: {_reason(exc)}") from None
         except (aiosmtplib.SMTPTimeoutError, TimeoutError, OSError) as exc:
-            self._drop()
+            self.owner._drop(client)
+            self.client = None
+            if self.handed_over:
+                raise UnknownOutcome(f"no answer after DATA: {_reason(exc)}") from None
             raise TransientError(f"SMTP error at {stage}: {_reason(exc)}") from None
-        except PermanentError:
+        except (PermanentError, TransientError):
             raise
         except aiosmtplib.SMTPException as exc:
             await self._reset(client, exc)
             raise PermanentError(f"SMTP error at {stage}: {_reason(exc)}") from None
-        except BaseException:
-            # cancelled (shutdown, timeout) mid-transaction: the session state is unknown
-            self._drop()
-            raise
         if refused_bcc:
             log.warning(
-                "SMTP server refused %d bcc recipient(s)", refused_bcc, extra={"integration": self.name}
+                "SMTP server refused %d bcc recipient(s)", refused_bcc, extra={"integration": self.owner.name}
             )
         return str(response.code)
+
+    async def _data(self, client: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
+        """DATA in two steps, with the hand-over marked in between: after the server's 354,
+        nothing is sent until Redis knows this attempt is handing the message over."""
+        start = await client.execute_command(b"DATA")
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        try:
+            await self.delivery.hand_over()
+        except Exception as exc:
+            # the server waits for the content: only dropping the connection abandons it
+            self.owner._drop(client)
+            self.client = None
+            raise TransientError(
+                f"could not mark the hand-over in Redis ({exc.__class__.__name__}); nothing was sent"
+            ) from None
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self.handed_over = True
+        protocol.write(_data_payload(data))
+        response = await protocol.read_response(timeout=self.owner.config.timeout_seconds)
+        if response.code != 250:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        return response
 
     async def _reset(self, client: aiosmtplib.SMTP, exc: Exception) -> None:
         """Clear the envelope so the connection can be reused; drop it if that fails."""
         if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code == 421:
-            self._drop()
+            self.owner._drop(client)
+            self.client = None
             return
         try:
             await client.rset()
         except (aiosmtplib.SMTPException, OSError):
-            self._drop()
-
-    def _drop(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
+            self.owner._drop(client)
+            self.client = None
 
 
 class _StaleConnection(Exception):

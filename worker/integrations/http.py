@@ -13,7 +13,7 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 
 from shared.settings import HttpIntegration
-from worker.integrations.base import Delivery, Integration, PermanentError, TransientError
+from worker.integrations.base import Delivery, Integration, PermanentError, TransientError, UnknownOutcome
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 MAX_ERROR_BODY = 200
@@ -74,8 +74,14 @@ class HttpDelivery(Integration[HttpIntegration]):
                 excerpt = ""
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     excerpt = (await response.content.read(MAX_ERROR_BODY)).decode("utf-8", "replace")
+        except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
+            # no connection, so nothing was sent
+            raise TransientError(f"{exc.__class__.__name__}: {exc}") from None
         except TimeoutError:
-            raise TransientError(f"timed out after {self.config.timeout_seconds:g}s") from None
+            # the request may have arrived: the answer did not
+            raise UnknownOutcome(f"timed out after {self.config.timeout_seconds:g}s") from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+            raise UnknownOutcome(f"{exc.__class__.__name__}: {exc}") from None
         except aiohttp.ClientError as exc:
             raise TransientError(f"{exc.__class__.__name__}: {exc}") from None
         except asyncio.CancelledError:
