@@ -127,9 +127,21 @@ def _run_processes(count: int, host: str, port: int, no_auth: bool, config_path:
     help="Events handled at once by this process (default: worker.concurrency, 50).",
 )
 @click.option("--burst", is_flag=True, help="Exit once the queue is empty.")
-@click.option("--check", is_flag=True, help="Health check: exit 0 if a worker reported recently, else 1.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Health check: exit 0 if a worker on this host reported recently, else 1.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve this process's /metrics on this port (overrides worker.metrics_port).",
+)
 @config_option
-def worker(concurrency: int | None, burst: bool, check: bool, config_path: str | None) -> None:
+def worker(
+    concurrency: int | None, burst: bool, check: bool, metrics_port: int | None, config_path: str | None
+) -> None:
     """Run one arq worker process (run as many as you like)."""
     settings = settings_or_exit(config_path)
     if check:
@@ -137,34 +149,46 @@ def worker(concurrency: int | None, burst: bool, check: bool, config_path: str |
     configure_logging(settings.log_level)
     from redis.exceptions import RedisError
 
+    from shared.settings import ConfigError
     from worker.main import create_worker
 
-    built = create_worker(settings, burst=burst, concurrency=concurrency)
-    tune_gc()
     try:
+        built = create_worker(settings, burst=burst, concurrency=concurrency, metrics_port=metrics_port)
+        tune_gc()
         built.run()
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}")
     except RedisError as exc:  # what retrying cannot mend: wrong password, unknown ACL user...
         click.echo(f"examhook worker: Redis refused the worker: {exc.__class__.__name__}: {exc}", err=True)
         sys.exit(1)
 
 
 async def _worker_health(settings: Settings) -> int:
+    """Exit code of ``worker --check``: 0 when a worker of this host reported within its
+    health-check interval (another host's workers, or one stopping here, change nothing)."""
     from redis.exceptions import RedisError
 
     from shared.contract import Keys
     from shared.redis_conn import redis_client
+    from worker.registry import is_alive, read_entries, this_host
 
     redis = redis_client(settings)
     try:
-        value = await redis.get(Keys(settings.redis.prefix).health_check)
-    except (RedisError, OSError):  # Redis unreachable: no worker can have reported
-        value = None
+        entries = await read_entries(redis, Keys(settings.redis.prefix))
+    except (RedisError, OSError) as exc:
+        click.echo(f"unhealthy: cannot reach Redis ({exc.__class__.__name__})", err=True)
+        return 1
     finally:
         await redis.aclose()
-    if not value:
-        click.echo("unhealthy: no worker has reported recently", err=True)
+    host = this_host()
+    now = int(time.time() * 1000)
+    here = [e for e in entries.values() if e.host == host]
+    alive = [e for e in here if is_alive(e, now)]
+    if not alive:
+        reason = "no worker on this host has reported recently" if here else "no worker runs on this host"
+        click.echo(f"unhealthy: {reason} ({host})", err=True)
         return 1
-    click.echo(f"healthy: {value.decode()}")
+    click.echo(f"healthy: {len(alive)} worker(s) on {host}, pid " + ", ".join(str(e.pid) for e in alive))
     return 0
 
 
@@ -195,12 +219,20 @@ def send_sample(url: str, count: int, concurrency: int, config_path: str | None)
 
 
 @cli.command("check-config")
+@click.option(
+    "--redis",
+    "check_redis",
+    is_flag=True,
+    help="Also connect to Redis and check that its user has every permission examhook needs.",
+)
 @json_option
 @config_option
-def check_config(as_json: bool, config_path: str | None) -> None:
+def check_config(check_redis: bool, as_json: bool, config_path: str | None) -> None:
     """Validate the configuration and print the effective settings (secrets masked)."""
     settings = settings_or_exit(config_path)
     problems = _template_problems(settings)
+    if check_redis:
+        problems += asyncio.run(_redis_problems(settings))
     if problems:
         for problem in problems:
             click.echo(f"examhook: configuration error: {problem}", err=True)
@@ -211,6 +243,26 @@ def check_config(as_json: bool, config_path: str | None) -> None:
         return
     click.echo(f"configuration OK ({settings.source or 'no file; defaults and environment'})")
     _print_tree(data)
+
+
+async def _redis_problems(settings: Settings) -> list[str]:
+    from redis.exceptions import RedisError
+
+    from shared.contract import Keys
+    from shared.redis_check import advice, missing_permissions
+    from shared.redis_conn import redis_client
+    from shared.settings import mask_url
+
+    keys = Keys(settings.redis.prefix)
+    redis = redis_client(settings)
+    try:
+        await redis.ping()
+        problems = await missing_permissions(redis, keys)
+    except (RedisError, OSError) as exc:
+        return [f"redis.url: cannot use Redis at {mask_url(settings.redis.url)}: {exc.__class__.__name__}"]
+    finally:
+        await redis.aclose()
+    return [f"redis: {p} ({advice(keys)})" for p in problems]
 
 
 def _template_problems(settings: Any) -> list[str]:
