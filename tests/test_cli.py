@@ -443,7 +443,11 @@ async def test_worker_check_reports_health_of_a_running_worker(
 ) -> None:
     """`worker --check` exits 1 ("unhealthy") when no worker has reported, and 0 once an
     `examhook worker` process (health checks every second, via $EXAMHOOK_CONFIG) is up."""
-    config = write(tmp_path / "worker.toml", "[worker]\nhealth_check_interval_seconds = 1\n")
+    config = write(
+        tmp_path / "worker.toml",
+        "[worker]\nhealth_check_interval_seconds = 1\n"
+        f'[[integrations]]\nname = "f"\ntype = "file"\npath = "{tmp_path / "out.jsonl"}"\n',
+    )
     env = {**env, "EXAMHOOK_CONFIG": str(config)}
 
     before = await examhook("worker", "--check", env=env, cwd=workdir)

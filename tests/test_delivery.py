@@ -18,7 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from ingest.app import WEBHOOK_PATH, create_app
-from shared.contract import MAX_EVENTS_PER_JOB, Keys, pair_member
+from shared.contract import MAX_EVENTS_PER_JOB, Keys, pair_member, released_ms
 from shared.inspection import Inspector
 from shared.payload import decoder
 from shared.settings import Settings
@@ -247,17 +247,19 @@ async def test_delivered_pair_never_sent_again_by_a_duplicate_job(
     sample_body: bytes,
     redis: Redis,
 ) -> None:
-    """If the event's job is queued again after success (a redelivery of the job), nothing is sent."""
+    """If the event's jobs are queued again after success (a redelivery of the fan-out job, a
+    stray retry job), nothing is sent."""
     settings = make_settings([http_integration(destination)])
     client = await aiohttp_client(create_app(settings))
     event_id = await post_event(client, sample_body)
-    worker = await start_worker(settings)
+    await start_worker(settings)
     await destination.wait_for_requests(1)
     keys = Keys(settings.redis.prefix)
     await eventually(lambda: redis.exists(keys.delivered(event_id, "lms")))
     store = Store(redis, keys, settings.retention)
     await store.enqueue_deliver(event_id, "lms")
-    await worker.pool.enqueue_job("handle_event", event_id, _job_id=keys.handle_job_id(event_id))
+    event = decoder.decode(sample_body)
+    await store.enqueue_fanout([(event_id, event.attempt.id, released_ms(event))])
     await eventually(lambda: queue_empty(redis, keys))
     assert len(destination.requests) == 1
 

@@ -407,7 +407,10 @@ async def test_worker_with_a_wrong_redis_password_exits_with_a_clear_error(
     await admin.config_set("requirepass", "the-right-one")
     try:
         config = tmp_path / "worker.toml"
-        config.write_text(f'[redis]\nurl = "redis://:a-wrong-one@127.0.0.1:{port}/0"\nprefix = "auth"\n')
+        config.write_text(
+            f'[redis]\nurl = "redis://:a-wrong-one@127.0.0.1:{port}/0"\nprefix = "auth"\n'
+            f'[[integrations]]\nname = "f"\ntype = "file"\npath = "{tmp_path / "out.jsonl"}"\n'
+        )
         env = {**os.environ, "EXAMHOOK_CONFIG": str(config)}
         env.pop("EXAMHOOK_REDIS_URL", None)
         process = await asyncio.create_subprocess_exec(
