@@ -15,7 +15,7 @@ key                     type       holds
 P:queue                 zset       arq's queue of job ids, scored by run time (ms)
 P:seen:E                string     dedup record: the event was accepted (dedup window)
 P:event:E               string     the body exactly as received (payload retention)
-P:latest:A              string     newest ``releasedAt`` (ms) seen for attempt id A
+P:releases:A            zset       the releases of attempt A: event ids by ``releasedAt`` (ms)
 P:exams                 zset       exam ids, scored by their newest event (ms)
 P:exam:X                zset       the exam's event ids, scored by arrival (ms)
 P:pair:E:I              hash       delivery state of (event, integration)
@@ -153,7 +153,7 @@ class Keys:
         self.workers = f"{prefix}:workers"
         self.health_check = f"{prefix}:queue{health_check_key_suffix}"
         # prefixes the Lua scripts complete themselves (the attempt id is read from Redis)
-        self.latest_prefix = f"{prefix}:latest:"
+        self.releases_prefix = f"{prefix}:releases:"
         # job ids are made inside ingest.lua: P:b<count>-<token>-<n>
         self.fanout_job_id_prefix = f"{prefix}:b"
         # a key in arq's job key space that is never written: ingest.lua declares it so an ACL
@@ -184,8 +184,9 @@ class Keys:
     def lock(self, event_id: str, integration: str) -> str:
         return f"{self.prefix}:lock:{event_id}:{integration}"
 
-    def latest(self, attempt_id: str) -> str:
-        return f"{self.latest_prefix}{attempt_id}"
+    def releases(self, attempt_id: str) -> str:
+        """The releases of one attempt: event ids scored by ``releasedAt`` (the newest wins)."""
+        return f"{self.releases_prefix}{attempt_id}"
 
     def exam(self, exam_id: str) -> str:
         """The exam's event ids, by arrival."""

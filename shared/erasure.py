@@ -61,7 +61,7 @@ async def erase_learner(
     failure_members: list[str] = []
     exam_members: list[tuple[str, str]] = []
     for event_id, (attempt_id, exam_id) in events.items():
-        to_delete += [keys.event(event_id), keys.seen(event_id), keys.latest(attempt_id)]
+        to_delete += [keys.event(event_id), keys.seen(event_id), keys.releases(attempt_id)]
         exam_members.append((keys.exam(exam_id), event_id))
         for pattern in keys.per_pair_patterns(event_id):
             to_delete += [k.decode() async for k in redis.scan_iter(match=pattern, count=1000)]

@@ -179,7 +179,7 @@ class Store:
             now,
             self.retention.dedup_window_seconds * 1000,
             self.payload_ttl_ms,
-            self.delivered_ttl_ms,  # the newest-release marker outlives any older release's records
+            self.delivered_ttl_ms,  # the releases record outlives any older release's records
             MAX_EVENTS_PER_JOB,
             head,
             tail,
@@ -188,7 +188,7 @@ class Store:
             secrets.token_hex(12),  # job ids from every receiver never meet
         ]
         for e in events:
-            keys += [k.seen(e.event_id), k.event(e.event_id), k.latest(e.attempt_id), k.exam(e.exam_id)]
+            keys += [k.seen(e.event_id), k.event(e.event_id), k.releases(e.attempt_id), k.exam(e.exam_id)]
             args += [
                 e.event_id,
                 e.released_ms,
@@ -276,7 +276,7 @@ class Store:
                 self.payload_ttl_ms,
                 mode,
                 "1" if with_body else "0",
-                k.latest_prefix,
+                k.releases_prefix,
                 recovery_grace_ms,
                 *integrations,
             ],
@@ -317,7 +317,7 @@ class Store:
             outcome.retry_in_ms,
             outcome.retry_job or b"",
             job_id,
-            k.latest_prefix,
+            k.releases_prefix,
             "1" if outcome.unknown else "0",
         ]
         return keys, args

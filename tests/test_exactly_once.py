@@ -90,17 +90,17 @@ async def test_ingest_refused_by_the_acl_leaves_no_trace_and_the_retry_is_accept
 async def test_a_failure_part_way_through_ingest_leaves_no_dedup_record(
     aiohttp_client: Any, make_settings: Callable[..., Any], redis: Redis, prefix: str, sample_body: bytes
 ) -> None:
-    """An error in the middle of the ingest script (here the newest-release key of the attempt
-    holds a hash, so the script fails after it wrote the body) leaves no dedup record behind:
+    """An error in the middle of the ingest script (here the attempt's releases key holds a
+    hash, so the script fails after it wrote the body) leaves no dedup record behind:
     the answer is 503, and the retry once the obstacle is gone is accepted, not a duplicate."""
     keys = Keys(prefix)
     event = decoder.decode(sample_body)
-    await redis.hset(keys.latest(event.attempt.id), "in", "the way")  # type: ignore[misc]
+    await redis.hset(keys.releases(event.attempt.id), "in", "the way")  # type: ignore[misc]
     client = await aiohttp_client(create_app(make_settings()))
     refused = await client.post(WEBHOOK_PATH, data=sample_body, headers=WEBHOOK_HEADERS)
     assert refused.status == 503
     assert not await redis.exists(keys.seen(event_id(event)))
-    await redis.delete(keys.latest(event.attempt.id))
+    await redis.delete(keys.releases(event.attempt.id))
     assert await post_event(client, sample_body) == event_id(event)
 
 

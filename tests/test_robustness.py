@@ -269,7 +269,7 @@ async def test_newest_release_marker_outlives_older_failures(
     client = await aiohttp_client(create_app(settings))
     await post_event(client, sample_body)
     attempt_id = json.loads(sample_body)["attempt"]["id"]
-    ttl = await redis.pttl(Keys(prefix).latest(attempt_id))
+    ttl = await redis.pttl(Keys(prefix).releases(attempt_id))
     assert ttl > settings.retention.failure_seconds * 1000 - 60_000
 
 

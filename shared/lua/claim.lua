@@ -21,7 +21,7 @@
 -- ARGV[8]  mode           'first': a fan-out job; a pair attempted already is left to its own
 --                         retry job. 'retry': that retry job (or a failure queued again).
 -- ARGV[9]  with_body      '1': also return the body (false when it expired)
--- ARGV[10] latest_prefix  'P:latest:' (the newest release of an attempt: P:latest:A)
+-- ARGV[10] releases_prefix  'P:releases:' (an attempt's releases: P:releases:A)
 -- ARGV[11] recovery_grace_ms
 -- ARGV[12...] one integration name per pair
 --
@@ -37,7 +37,7 @@
 local body_key, stats_key, failures_key, seen_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local event_id, given_attempt, given_released = ARGV[1], ARGV[2], ARGV[3]
 local token, lock_ttl, now, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
-local mode, with_body, latest_prefix = ARGV[8], ARGV[9], ARGV[10]
+local mode, with_body, releases_prefix = ARGV[8], ARGV[9], ARGV[10]
 local recovery_grace = tonumber(ARGV[11])
 local FIRST_NAME, FIRST_PAIR_KEY, KEYS_PER_PAIR = 12, 5, 3
 
@@ -59,7 +59,8 @@ for n = FIRST_NAME, #ARGV do
   local fields = redis.call('HMGET', pair_key, 'attempts', 'inflight', 'maybe_sent', 'handed', 'recover_at')
   local attempts, inflight, maybe_sent = fields[1] or '0', fields[2], fields[3]
   local handed, recover_at = fields[4], tonumber(fields[5] or '0')
-  local latest = tonumber(redis.call('GET', latest_prefix .. attempt_id) or '0')
+  local newest = redis.call('ZRANGE', releases_prefix .. attempt_id, 0, 0, 'REV', 'WITHSCORES')
+  local latest = tonumber(newest[2] or '0')
   local lock_holder = redis.call('GET', lock_key)
   local state, wait = nil, 0
   if redis.call('EXISTS', delivered_key) == 1 then

@@ -21,13 +21,13 @@
 -- then four keys per event, in the order of the events in ARGV:
 --   seen         P:seen:E      dedup record
 --   body         P:event:E     the body as received
---   latest       P:latest:A    newest release (ms) of the event's attempt
+--   releases     P:releases:A  the attempt's releases: event ids by releasedAt (ms)
 --   exam_events  P:exam:X      the exam's event ids by arrival (ms)
 --
 -- ARGV[1]  now_ms
 -- ARGV[2]  dedup_ttl_ms
 -- ARGV[3]  payload_ttl_ms      bodies and the exam index
--- ARGV[4]  latest_ttl_ms       outlives any older release's records
+-- ARGV[4]  releases_ttl_ms     outlives any older release's records
 -- ARGV[5]  max_events_per_job  at most 15 (a msgpack fixarray header)
 -- ARGV[6]  job_head            a handle_events job cut where its event list goes
 -- ARGV[7]  job_tail              (shared/contract.py, fanout_job_template)
@@ -41,7 +41,7 @@
 -- or earlier in this same batch).
 local queue_key, stats_key, exams_key = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
-local dedup_ttl, payload_ttl, latest_ttl = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local dedup_ttl, payload_ttl, releases_ttl = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local max_per_job, job_head, job_tail = tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local job_key_prefix, job_id_prefix, job_token = ARGV[8], ARGV[9], ARGV[10]
 
@@ -68,17 +68,17 @@ if #accepted == 0 then
   return answers
 end
 
--- 2. bodies, newest-release markers, the exam index
+-- 2. bodies, the attempts' releases, the exam index
 local exams, exam_ids = {}, {}
 for _, event in ipairs(accepted) do
   local key, arg = event[1], event[2]
-  local body_key, latest_key, exam_events_key = KEYS[key + 1], KEYS[key + 2], KEYS[key + 3]
+  local body_key, releases_key, exam_events_key = KEYS[key + 1], KEYS[key + 2], KEYS[key + 3]
   local event_id, released, body, exam_id = ARGV[arg], ARGV[arg + 1], ARGV[arg + 2], ARGV[arg + 4]
   redis.call('SET', body_key, body, 'PX', payload_ttl)
-  -- newest release per attempt: an older release still queued is then never delivered
-  if tonumber(released) >= tonumber(redis.call('GET', latest_key) or '0') then
-    redis.call('SET', latest_key, released, 'PX', latest_ttl)
-  end
+  -- every release of the attempt: an older one still queued is then never delivered (the
+  -- newest wins), and a re-release's email can say what it replaces
+  redis.call('ZADD', releases_key, released, event_id)
+  redis.call('PEXPIRE', releases_key, releases_ttl)
   redis.call('ZADD', exam_events_key, now, event_id)
   if not exam_ids[exam_events_key] then
     exam_ids[exam_events_key] = exam_id

@@ -33,10 +33,10 @@
 --                          is enqueued in the same step, so a crash can never leave a pair
 --                          with nothing scheduled to try again)
 -- ARGV[13] retry_job_id    P:E:I
--- ARGV[14] latest_prefix   'P:latest:'
+-- ARGV[14] releases_prefix 'P:releases:'
 -- ARGV[15] unknown         '1': the outcome was unknown (counted in P:stats)
 --
--- On retry, everything the pair needs (body, newest-release marker, its job) is kept for at
+-- On retry, everything the pair needs (body, the attempt's releases, its job) is kept for at
 -- least the wait plus the payload retention, so no retry outlives its data.
 -- Returns the pair's attempt count. Idempotent per token (one token per attempt).
 local pair_key, attempts_key, body_key, failures_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -45,7 +45,7 @@ local member, token, now, outcome = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local attempt_json, last_error = ARGV[5], ARGV[6]
 local ttl, delivered_ttl, failure_ttl = tonumber(ARGV[7]), ARGV[8], tonumber(ARGV[9])
 local maybe_sent, retry_in, retry_job, retry_job_id = ARGV[10], tonumber(ARGV[11]), ARGV[12], ARGV[13]
-local latest_prefix, unknown = ARGV[14], ARGV[15]
+local releases_prefix, unknown = ARGV[14], ARGV[15]
 
 local function extend(key, ms)
   local current = redis.call('PTTL', key)
@@ -90,7 +90,7 @@ else
   extend(attempts_key, keep)
   extend(body_key, keep)
   local attempt_id = redis.call('HGET', pair_key, 'attempt_id')
-  if attempt_id then extend(latest_prefix .. attempt_id, keep) end
+  if attempt_id then extend(releases_prefix .. attempt_id, keep) end
   redis.call('HINCRBY', stats_key, 'retries', 1)
   if retry_job ~= '' then
     redis.call('SET', retry_job_key, retry_job, 'NX', 'PX', keep)
