@@ -43,6 +43,7 @@ class Handler:
     data_replies: list[str] = field(default_factory=list)
     mail_replies: list[str] = field(default_factory=list)
     data_delay: float = 0.0
+    data_delays: list[float] = field(default_factory=list)  # per message, before data_delay
     rcpt_delay: float = 0.0
     # run in the server's thread once a message's content is in, before it is answered
     on_data: Callable[[], None] | None = None
@@ -79,8 +80,9 @@ class Handler:
         self.loop.call_soon_threadsafe(self._add, mail)
         if self.on_data is not None:
             self.on_data()
-        if self.data_delay:
-            await asyncio.sleep(self.data_delay)
+        delay = self.data_delays.pop(0) if self.data_delays else self.data_delay
+        if delay:
+            await asyncio.sleep(delay)
         return reply
 
     def _add(self, mail: Mail) -> None:

@@ -102,6 +102,7 @@ class Deliverer:
             for name, i in integrations.items()
         }
         self._stop_starting_at: float | None = None  # loop time: shutdown grace ends
+        self._in_flight: set[asyncio.Future[Outcome]] = set()  # attempts sending now
 
     def stop_starting(self, grace_seconds: float) -> None:
         """Shutdown began: running attempts get ``grace_seconds``; no attempt that could not
@@ -128,7 +129,16 @@ class Deliverer:
         return True
 
     async def drain(self, within: float = 10.0) -> None:
-        """Write the outcomes still waiting (shutdown)."""
+        """Shutdown: attempts still sending get until the end of the grace period (only those
+        that could finish by then were started), the rest is cancelled (no outcome, no attempt
+        spent: the pair runs again); then the outcomes still waiting are written."""
+        if self._in_flight:
+            loop = asyncio.get_running_loop()
+            grace = (self._stop_starting_at or loop.time()) - loop.time()
+            _, cut = await asyncio.wait(set(self._in_flight), timeout=max(0.0, grace))
+            for task in cut:
+                task.cancel()
+            await asyncio.gather(*cut, return_exceptions=True)
         await self.journal.close(within)
 
     # -- the handle_events job -----------------------------------------------------------
@@ -245,16 +255,12 @@ class Deliverer:
             return Outcome("waiting", wait_ms / 1000)
         if claim.state != "ok":
             return await self._not_sent(event_id, name, claim, token)
-        lane = self.lanes[name]
         if not await self._take_lane(name, deadline):
             # the lane stayed busy longer than expected: nothing was sent, hand it on
             await self.store.release(event_id, name, token, may_have_sent=False)
             handed_on[name].append((event_id, event.attempt.id, released_ms(event)))
             return Outcome("waiting")
-        try:
-            return await self._attempt(event_id, name, claim, token, body, event, mode="first")
-        finally:
-            lane.release()
+        return await self._run_attempt(event_id, name, claim, token, body, event, mode="first")
 
     async def _hand_on(self, handed_on: dict[str, list[Event]]) -> None:
         """Queue jobs for the pairs whose lanes were busy: one ``handle_events`` job per
@@ -283,6 +289,7 @@ class Deliverer:
         loop = asyncio.get_running_loop()
         if loop.time() + lane.expected_wait() > start_by or not await self._take_lane(name, deadline):
             return Outcome("waiting", max(lane.book(1), 0.5))  # not attempted: no attempt spent
+        slot_passed_on = False
         try:
             token = new_token()
             body, [claim] = await self.store.claim(
@@ -300,11 +307,40 @@ class Deliverer:
             if claim.state != "ok":
                 return await self._not_sent(event_id, name, claim, token)
             assert body is not None
-            return await self._attempt(event_id, name, claim, token, body, decoder.decode(body), mode="retry")
+            slot_passed_on = True
+            event = decoder.decode(body)
+            return await self._run_attempt(event_id, name, claim, token, body, event, mode="retry")
         finally:
-            lane.release()
+            if not slot_passed_on:
+                lane.release()
 
     # -- one attempt -----------------------------------------------------------------------
+
+    async def _run_attempt(
+        self,
+        event_id: str,
+        name: str,
+        claim: Claim,
+        token: str,
+        body: bytes,
+        event: ExamResultsReleased,
+        *,
+        mode: Literal["first", "retry"],
+    ) -> Outcome:
+        """The attempt as a task of its own, holding its lane slot until it ends: the job's
+        deadline stops the job waiting for it, never the send itself (a send cut after its
+        hand-over would leave an unknown outcome). Only a shutdown past its grace cancels it
+        (:meth:`drain`)."""
+        task = asyncio.ensure_future(self._attempt(event_id, name, claim, token, body, event, mode=mode))
+        self._in_flight.add(task)
+        lane = self.lanes[name]
+
+        def ended(finished: asyncio.Future[Outcome]) -> None:
+            self._in_flight.discard(finished)
+            lane.release()
+
+        task.add_done_callback(ended)
+        return await asyncio.shield(task)
 
     async def _attempt(
         self,

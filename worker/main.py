@@ -14,7 +14,7 @@ from arq import func
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker
-from redis.exceptions import AuthenticationError, RedisError, WatchError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -203,7 +203,8 @@ class ExamhookWorker(Worker):
                     return
                 except AuthenticationError:
                     raise
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                except (RedisConnectionError, RedisTimeoutError, ResponseError, OSError) as exc:
+                    # unreachable, loading, or refusing writes (full, read-only): it may mend
                     if self.loop.time() >= next_warning:
                         log.warning("waiting for Redis", extra={"error": _describe(exc)})
                         next_warning = self.loop.time() + WAITING_FOR_REDIS_LOG_SECONDS
