@@ -7,6 +7,7 @@ from redis.asyncio import Redis
 
 from ingest.auth import BasicAuth
 from ingest.batching import GroupCommit
+from ingest.body import InflightBudget
 from ingest.metrics import ReceiverMetrics
 from shared.settings import Settings
 from shared.store import Store
@@ -17,3 +18,4 @@ STORE = web.AppKey("store", Store)
 QUEUE = web.AppKey("queue", GroupCommit)
 AUTH = web.AppKey("auth", BasicAuth)
 METRICS = web.AppKey("metrics", ReceiverMetrics)
+INFLIGHT = web.AppKey("inflight", InflightBudget)

@@ -12,8 +12,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from ingest.appkeys import AUTH, METRICS, QUEUE, REDIS, SETTINGS, STORE
+from ingest.appkeys import AUTH, INFLIGHT, METRICS, QUEUE, REDIS, SETTINGS, STORE
 from ingest.auth import unauthorized
+from ingest.body import Refusal, Reservation, encoding_of, read_body
 from shared.payload import decoder, error_path
 from shared.store import Incoming, Rejected, now_ms
 
@@ -64,16 +65,47 @@ async def _receive(request: web.Request) -> web.Response:
         return json_response(
             {"error": "unsupported_media_type", "detail": "Content-Type must be application/json"}, 415
         )
-    limit = app[SETTINGS].receiver.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        return json_response({"error": "payload_too_large", "detail": f"limit is {limit} bytes"}, 413)
+    receiver = app[SETTINGS].receiver
+    reservation = Reservation(app[INFLIGHT])
     try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        body = None
-    if body is None or len(body) > limit:  # streamed bodies have no Content-Length to check first
-        return json_response({"error": "payload_too_large", "detail": f"limit is {limit} bytes"}, 413)
+        try:
+            wbits = encoding_of(request)
+            body = await read_body(
+                request, receiver.max_body_bytes, receiver.body_timeout_seconds, reservation, wbits
+            )
+        except Refusal as refusal:
+            if refusal.raw is not None:  # read, authenticated, not decodable: keep it
+                return await _reject(
+                    request, refusal.raw, refusal.error, refusal.detail, None, refusal.status
+                )
+            return await _refused(request, refusal)
+        except ConnectionError:
+            log.debug("client went away mid-body", extra={"client": client})
+            return json_response({"error": "incomplete_body"}, 400)
+        return await _accept(request, body, started)
+    finally:
+        reservation.close()
 
+
+async def _refused(request: web.Request, refusal: Refusal) -> web.Response:
+    response = json_response({"error": refusal.error, "detail": refusal.detail}, refusal.status)
+    if refusal.status == 503:
+        response.headers["Retry-After"] = RETRY_AFTER_SECONDS
+    elif refusal.status == 400:
+        response.force_close()  # the framing is broken: no further request on this connection
+    elif refusal.status == 408:
+        # Send the answer, then close at once: aiohttp would otherwise linger up to 10 s
+        # more, reading the rest of a body that is not coming.
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
+    return response
+
+
+async def _accept(request: web.Request, body: bytes, started: float) -> web.Response:
+    """Validate and queue a body that was read in full."""
+    app = request.app
     try:
         # msgspec skips unknown fields without decoding their strings: check UTF-8 here,
         # since the body is forwarded byte for byte.

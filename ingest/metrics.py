@@ -41,6 +41,12 @@ class ReceiverMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
+        self.batch_bytes = Histogram(
+            "examhook_receiver_batch_bytes",
+            "Body bytes written per Redis round trip (group commit).",
+            buckets=(4096, 16384, 65536, 262144, 1 << 20, 2 << 20, 4 << 20, 8 << 20, 16 << 20),
+            registry=self.registry,
+        )
         # Read from Redis at scrape time (the queue is shared by every receiver and worker).
         self.queue_depth = Gauge(
             "examhook_queue_jobs",

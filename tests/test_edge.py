@@ -11,16 +11,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
+import json
 import logging
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
 
 from ingest.admin.security import LOGIN_COOKIE, SESSION_COOKIE
 from ingest.app import WEBHOOK_PATH, create_app
+from ingest.appkeys import INFLIGHT
+from shared.contract import Keys
 from shared.settings import Settings
+from tests.conftest import eventually
 
 USER, PASSWORD = "synap", "s3cret"
 AUTH_B64 = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
@@ -168,3 +176,332 @@ async def test_non_utf8_admin_credentials_are_refused_and_counted(
     assert tracebacks(logs) == []
     right = await client.get("/admin", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert right.status == 429
+
+
+# -- 2. Content-Encoding -------------------------------------------------------------------
+
+
+def deflated(data: bytes) -> bytes:
+    return zlib.compress(data)
+
+
+async def stats_rejected(redis: Redis, prefix: str, rejected_id: str) -> dict[str, Any]:
+    stored = await redis.get(Keys(prefix).rejected_item(rejected_id))
+    assert stored is not None, rejected_id
+    return msgspec.json.decode(stored)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("encoding", "compress"), [("gzip", gzip.compress), ("deflate", deflated)])
+async def test_compressed_body_is_decoded(
+    client: Client, sample_body: bytes, redis: Redis, prefix: str, encoding: str, compress: Any
+) -> None:
+    """A gzip or deflate body is decoded: the event is accepted and what is queued (and later
+    delivered) is the JSON itself."""
+    status, _, answer = await raw(client, webhook(compress(sample_body), ("Content-Encoding", encoding)))
+    assert status == 202, answer
+    event_id = json.loads(answer)["event_id"]
+    assert await redis.get(Keys(prefix).event(event_id)) == sample_body
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "GZIP", "x-gzip"])
+async def test_corrupt_compressed_body_is_400_and_quarantined(
+    client: Client, redis: Redis, prefix: str, encoding: str, logs: list[logging.LogRecord]
+) -> None:
+    """An authenticated body that claims gzip/deflate but is not is 400 invalid_encoding,
+    quarantined like any rejected body; no 500, no traceback."""
+    status, _, answer = await raw(
+        client, webhook(b"\x1f\x8b garbage, not gzip", ("Content-Encoding", encoding))
+    )
+    assert status == 400, answer
+    data = json.loads(answer)
+    assert data["error"] == "invalid_encoding"
+    stored = await stats_rejected(redis, prefix, data["rejected_id"])
+    assert stored["error"] == "invalid_encoding"
+    assert await redis.zscore(Keys(prefix).rejected, data["rejected_id"]) is not None
+    assert tracebacks(logs) == []
+
+
+async def test_truncated_gzip_is_400(client: Client, sample_body: bytes) -> None:
+    """A gzip stream cut short (valid start, no end) is 400 too, not an event made of half a body."""
+    cut = gzip.compress(sample_body)[:-20]
+    status, _, answer = await raw(client, webhook(cut, ("Content-Encoding", "gzip")))
+    assert status == 400, answer
+    assert json.loads(answer)["error"] == "invalid_encoding"
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "compress", "x-unknown", "gzip, gzip", "gzip, br"])
+async def test_unsupported_encoding_is_415(
+    client: Client, sample_body: bytes, encoding: str, logs: list[logging.LogRecord]
+) -> None:
+    """A Content-Encoding other than gzip, deflate or identity (or a stack of them) is 415,
+    after authentication; nothing is logged as an error."""
+    status, _, answer = await raw(client, webhook(b"\x00\x01\x02", ("Content-Encoding", encoding)))
+    assert status == 415, answer
+    assert json.loads(answer)["error"] == "unsupported_encoding"
+    assert tracebacks(logs) == []
+
+
+async def test_identity_encoding_is_plain(client: Client, sample_body: bytes) -> None:
+    """``Content-Encoding: identity`` is the body as it is."""
+    status, _, _ = await raw(client, webhook(sample_body, ("Content-Encoding", "identity")))
+    assert status == 202
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
+async def test_compressed_body_without_credentials_is_401_and_counted(
+    client: Client, encoding: str, logs: list[logging.LogRecord]
+) -> None:
+    """Without credentials a compressed body (corrupt, or in an encoding that is not
+    supported) is 401 before anything else, with no traceback, and counts as a failed
+    authentication: 20 of them and the right credentials get 429."""
+    for _ in range(20):
+        status, _, _ = await raw(
+            client, webhook(b"\x1f\x8b junk", ("Content-Encoding", encoding), auth=False)
+        )
+        assert status == 401
+    assert tracebacks(logs) == []
+    status, _, _ = await raw(client, webhook(b"{}"))
+    assert status == 429
+
+
+@pytest.mark.parametrize(("encoding", "compress"), [("gzip", gzip.compress), ("deflate", deflated)])
+async def test_zip_bomb_is_413(client: Client, encoding: str, compress: Any) -> None:
+    """The limit applies to the decoded body: 64 MiB of zeros that compress to ~64 KB is
+    413, and decoding stops at the limit (the traced peak stays far below the bomb's size)."""
+    import tracemalloc
+
+    bomb = compress(b"0" * (64 * 1024 * 1024))
+    assert len(bomb) < 1024 * 1024
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        status, _, answer = await raw(client, webhook(bomb, ("Content-Encoding", encoding)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status == 413, answer
+    assert peak - before < 16 * 1024 * 1024, f"peak grew by {(peak - before) / 2**20:.1f} MiB"
+
+
+# -- 3. a client that goes away mid-body ------------------------------------------------------
+
+
+async def test_client_gone_mid_body_is_not_an_error(client: Client, logs: list[logging.LogRecord]) -> None:
+    """A client that closes its connection halfway through its body leaves at most a
+    debug/info line, no error and no traceback; its reserved bytes are given back and the
+    receiver keeps answering."""
+    inflight = client.server.app[INFLIGHT]
+    head = webhook(b"x" * 1000)
+    _, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(head[: len(head) - 600])  # headers and 400 of the 1000 bytes
+    await writer.drain()
+
+    async def reading() -> bool:  # the handler has reserved the declared 1000 bytes
+        return inflight.used == 1000
+
+    await eventually(reading)
+    writer.close()
+    await writer.wait_closed()
+
+    async def finished() -> bool:
+        return inflight.used == 0
+
+    await eventually(finished)
+    assert tracebacks(logs) == []
+    assert [r.levelno for r in logs if "went away" in r.getMessage()] == [logging.DEBUG]
+    assert (await client.get("/healthz")).status == 200
+
+
+# -- 9. a body that never ends ---------------------------------------------------------------
+
+
+@pytest.fixture
+async def slow_client(aiohttp_client: Any, make_settings: Any) -> Client:
+    receiver = {"basic_auth_user": USER, "basic_auth_password": PASSWORD, "body_timeout_seconds": 0.5}
+    return await aiohttp_client(create_app(make_settings(receiver=receiver)))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_slow_body_gets_408_and_the_connection_closes(slow_client: Client, chunked: bool) -> None:
+    """An authenticated request whose body has not all arrived body_timeout_seconds after
+    its headers gets 408 and the server closes the connection (no keep-alive for it)."""
+    framing = ("Transfer-Encoding", "chunked") if chunked else ("Content-Length", "1000")
+    head = (
+        f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Authorization: Basic {AUTH_B64}\r\n{framing[0]}: {framing[1]}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection(slow_client.host, slow_client.port)
+    try:
+        writer.write(head + (b'f\r\n{"a": 1, "b": 2\r\n' if chunked else b'{"a": 1'))
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status_line = await reader.readline()
+            assert status_line.split()[1] == b"408", status_line
+            rest = await reader.read()  # the server closes: read() returns at EOF
+        assert b"request_timeout" in rest
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+# -- 10. memory bounded by bytes -------------------------------------------------------------
+
+KIB = 1024
+
+
+@pytest.fixture
+async def tight_client(aiohttp_client: Any, make_settings: Any) -> Client:
+    receiver = {
+        "basic_auth_user": USER,
+        "basic_auth_password": PASSWORD,
+        "max_body_bytes": 16 * KIB,
+        "max_inflight_bytes": 32 * KIB,
+    }
+    return await aiohttp_client(create_app(make_settings(receiver=receiver)))  # type: ignore[no-any-return]
+
+
+def padded(sample_body: bytes, size: int, attempt: str) -> bytes:
+    """The sample as attempt ``attempt``, padded with an unknown field to exactly ``size`` bytes."""
+    data = json.loads(sample_body)
+    data["attempt"]["id"] = attempt
+    text = json.dumps(data).encode()
+    pad = size - len(text) - len(b', "pad": ""')
+    out = text[:-1] + b', "pad": "' + b"p" * pad + b'"}'
+    assert len(out) == size
+    return out
+
+
+async def test_inflight_bytes_over_the_limit_get_503(tight_client: Client, sample_body: bytes) -> None:
+    """Body bytes held at once are bounded by max_inflight_bytes: with two 16 KiB bodies
+    being received (32 KiB reserved), a third request — declared or chunked — gets 503
+    busy with Retry-After at once, without its body being read; once the two complete
+    (202), the next one is accepted again."""
+    bodies = [padded(sample_body, 16 * KIB, f"att_inflight_{i}") for i in range(3)]
+    writers = []
+    readers = []
+    for body in bodies[:2]:
+        reader, writer = await asyncio.open_connection(tight_client.host, tight_client.port)
+        request = webhook(body)
+        writer.write(request[: len(request) - 1000])  # the last 1000 bytes come later
+        await writer.drain()
+        readers.append(reader)
+        writers.append((writer, request[len(request) - 1000 :]))
+
+    # the two requests reach the handler (and reserve their bytes) in their own time
+    async def third() -> Any:
+        status, headers, answer = await raw(tight_client, webhook(bodies[2]))
+        return (status, headers, answer) if status == 503 else None
+
+    status, headers, answer = await eventually(third)
+    assert json.loads(answer)["error"] == "busy"
+    assert int(headers["retry-after"]) > 0
+    chunked = (
+        (
+            f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            f"Authorization: Basic {AUTH_B64}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ).encode()
+        + b"%x\r\n" % (8 * KIB)
+        + b" " * (8 * KIB)
+        + b"\r\n"
+    )
+    reader, writer = await asyncio.open_connection(tight_client.host, tight_client.port)
+    writer.write(chunked)
+    await writer.drain()
+    async with asyncio.timeout(10):
+        assert (await reader.readline()).split()[1] == b"503"
+    writer.close()
+
+    for (writer, rest), reader in zip(writers, readers, strict=True):
+        writer.write(rest)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            assert (await reader.readline()).split()[1] == b"202"
+        writer.close()
+    status, _, _ = await raw(tight_client, webhook(bodies[2]))
+    assert status == 202
+
+
+async def test_group_commit_splits_batches_by_bytes(
+    aiohttp_client: Any, make_settings: Any, sample_body: bytes, logs: list[logging.LogRecord]
+) -> None:
+    """One Redis call carries at most max_batch_bytes of bodies (and always at least one
+    event): 20 concurrent 4 KiB events with a 10 KiB limit are written two at a time at
+    most; examhook_receiver_batch_bytes counts the bytes per call."""
+    receiver = {"basic_auth_user": USER, "basic_auth_password": PASSWORD, "max_batch_bytes": 10 * KIB}
+    client = await aiohttp_client(create_app(make_settings(receiver=receiver)))
+    bodies = [padded(sample_body, 4 * KIB, f"att_bytes_{i}") for i in range(20)]
+    responses = await asyncio.gather(*(client.post(WEBHOOK_PATH, data=b, headers=JSON) for b in bodies))
+    assert [r.status for r in responses] == [202] * 20
+    batches = [len(r.accepted) for r in logs if r.getMessage() == "queued"]  # type: ignore[attr-defined]
+    assert sum(batches) == 20
+    assert max(batches) == 2, batches
+    metrics = await (await client.get("/metrics", headers=AUTH)).text()
+    assert f"examhook_receiver_batch_bytes_sum {20 * 4 * KIB}.0" in metrics
+
+
+def _status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+@pytest.mark.slow
+async def test_receiver_rss_stays_bounded_under_200_concurrent_1mib_bodies(
+    redis_url: str, prefix: str, redis: Redis, unused_tcp_port_factory: Any, sample_body: bytes, tmp_path: Any
+) -> None:
+    """A real ``examhook receive`` process (default limits) under 200 concurrent 1 MiB
+    bodies: the ones over max_inflight_bytes (64 MiB) get 503 with Retry-After, the rest
+    are answered normally, and the process's peak RSS grows by well under the 200 MiB sent
+    (it grew by ~830 MB before the in-flight limit)."""
+    import os
+    import subprocess
+    import sys
+
+    import aiohttp
+
+    port = unused_tcp_port_factory()
+    env = {
+        **os.environ,
+        "EXAMHOOK_REDIS_URL": redis_url,
+        "EXAMHOOK_REDIS_PREFIX": prefix,
+        "EXAMHOOK_BASIC_AUTH_USER": USER,
+        "EXAMHOOK_BASIC_AUTH_PASSWORD": PASSWORD,
+        "EXAMHOOK_LOG_LEVEL": "warning",
+        "EXAMHOOK_CONFIG": str(tmp_path / "none.toml"),
+    }
+    (tmp_path / "none.toml").write_text("")
+    command = [sys.executable, "-m", "cli.main", "receive", "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, env=env)
+    base = f"http://127.0.0.1:{port}"
+    body = padded(sample_body, 1024 * 1024, "att_rss")
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def up() -> bool:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(base + "/healthz") as response:
+                        return response.status == 200
+                return False
+
+            await eventually(up, timeout=30)
+            before = _status_kb(process.pid, "VmRSS")
+
+            async def post() -> tuple[int, str | None]:
+                async with session.post(base + WEBHOOK_PATH, data=body, headers=JSON) as response:
+                    await response.read()
+                    return response.status, response.headers.get("Retry-After")
+
+            answers = await asyncio.gather(*(post() for _ in range(200)))
+            peak = _status_kb(process.pid, "VmHWM")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    statuses = [status for status, _ in answers]
+    assert set(statuses) <= {200, 202, 503}, statuses
+    assert 0 < statuses.count(503) < 200
+    assert all(retry for status, retry in answers if status == 503)
+    grown_mb = (peak - before) / 1024
+    assert grown_mb < 300, f"peak RSS grew by {grown_mb:.0f} MB"
