@@ -12,6 +12,7 @@ from ingest.appkeys import AUTH, INFLIGHT, METRICS, QUEUE, REDIS, SETTINGS, STOR
 from ingest.auth import BasicAuth
 from ingest.batching import GroupCommit
 from ingest.body import InflightBudget
+from ingest.edgelog import quiet_client_mistakes
 from ingest.metrics import ReceiverMetrics
 from shared.contract import Keys
 from shared.redis_conn import redis_client
@@ -26,6 +27,7 @@ def create_app(settings: Settings, *, require_auth: bool = True) -> web.Applicat
     without credentials; with credentials configured they are always enforced."""
     if require_auth and not settings.auth_configured:
         raise ValueError("Basic auth credentials are required (or pass --no-auth)")
+    quiet_client_mistakes()
     # client_max_size bounds what request.post() reads (the admin forms); the webhook reads
     # its body itself (ingest.body), compressed bodies included: aiohttp's own decoding
     # runs in the HTTP parser, before authentication, and fails with tracebacks.

@@ -505,3 +505,42 @@ async def test_receiver_rss_stays_bounded_under_200_concurrent_1mib_bodies(
     assert all(retry for status, retry in answers if status == 503)
     grown_mb = (peak - before) / 1024
     assert grown_mb < 300, f"peak RSS grew by {grown_mb:.0f} MB"
+
+
+# -- 4. what aiohttp's HTTP parser logs ----------------------------------------------------------
+
+MALFORMED = {
+    "nul-after-credentials": f"Authorization: Basic {AUTH_B64}".encode() + b"\x00x",
+    "cr-in-credentials": f"Authorization: Basic {AUTH_B64}".encode() + b"\rx",
+    "bad-header-name": f"Auth(orization: Basic {AUTH_B64}".encode(),
+    "huge-credentials": f"Authorization: Basic {AUTH_B64}".encode() + b"A" * 70_000,
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+async def test_malformed_header_never_logs_the_credentials(
+    client: Client, case: str, logs: list[logging.LogRecord]
+) -> None:
+    """A request the HTTP parser refuses (a NUL or CR in the Authorization line, a bad
+    header name, a huge line) gets a 4xx; the log gets one short line at INFO or below
+    saying a bad request was refused — no traceback, and not the line itself, so never
+    the Base64 of Synap's credentials."""
+    data = (
+        f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n".encode()
+        + MALFORMED[case]
+        + b"\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    status, _, _ = await raw(client, data)
+    assert 400 <= status < 500
+
+    async def logged() -> bool:
+        return any("bad HTTP request" in r.getMessage() for r in logs)
+
+    await eventually(logged)
+    assert tracebacks(logs) == []
+    for record in logs:
+        text = formatted(record)
+        assert AUTH_B64 not in text and AUTH_B64[:16] not in text, (record.name, text[:300])
+    lines = [r for r in logs if "bad HTTP request" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno <= logging.INFO
+    assert len(lines[0].getMessage()) < 200
