@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import time
 
@@ -27,7 +28,9 @@ class BasicAuth:
         max_clients: int = 10_000,
     ) -> None:
         self.enabled = user is not None and password is not None
-        self._expected = f"{user}:{password}".encode() if self.enabled else b""
+        # Compared as SHA-256 digests: both sides always 32 bytes, so the comparison's
+        # time says nothing about the credentials' content or length.
+        self._expected = hashlib.sha256(f"{user}:{password}".encode()).digest() if self.enabled else b""
         self.max_failures = max_failures
         self.window_seconds = window_seconds
         self.max_clients = max_clients
@@ -42,7 +45,7 @@ class BasicAuth:
             given = base64.b64decode(header[6:].strip(), validate=True)
         except (binascii.Error, ValueError):
             return False
-        return hmac.compare_digest(given, self._expected)
+        return hmac.compare_digest(hashlib.sha256(given).digest(), self._expected)
 
     def limited(self, client: str) -> bool:
         """Has this client failed too often recently?"""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import hmac
 import inspect
 import json
@@ -56,10 +57,12 @@ def basic(user: str, password: str) -> dict[str, str]:
 # -- constant-time comparison and the failed-authentication table -----------------------
 
 
-def test_check_compares_with_hmac_compare_digest(monkeypatch: pytest.MonkeyPatch) -> None:
-    """BasicAuth.check compares the decoded ``user:password`` with hmac.compare_digest
-    (constant time), for a wrong password of the same length as the right one too; the
-    source has no ``==`` on the credentials."""
+def test_check_compares_digests_with_hmac_compare_digest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BasicAuth.check hashes the decoded ``user:password`` and compares SHA-256 digests
+    with hmac.compare_digest (constant time): both sides are always 32 bytes, so neither
+    the content nor the length of the configured credentials shows in the timing — for a
+    wrong password of the same length, a shorter or a much longer one alike. The source has
+    no ``==`` on the credentials."""
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
 
@@ -69,14 +72,17 @@ def test_check_compares_with_hmac_compare_digest(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(ingest.auth.hmac, "compare_digest", spy)
     auth = BasicAuth("synap", "s3cret")
-    header = basic("synap", "s3creT")["Authorization"]  # same length, last byte differs
-    assert auth.check(header) is False
-    assert calls == [(b"synap:s3creT", b"synap:s3cret")]
+    expected = hashlib.sha256(b"synap:s3cret").digest()
+    for given in (b"synap:s3creT", b"s", b"synap:" + b"x" * 5000):
+        header = "Basic " + base64.b64encode(given).decode()
+        assert auth.check(header) is False
+        assert calls[-1] == (hashlib.sha256(given).digest(), expected)
     assert auth.check(basic("synap", "s3cret")["Authorization"]) is True
-    assert len(calls) == 2
+    assert len(calls) == 4
+    assert all(len(a) == len(b) == 32 for a, b in calls)
     source = inspect.getsource(BasicAuth.check)
     assert "hmac.compare_digest(" in source
-    assert "== self._expected" not in source and "self._expected ==" not in source
+    assert "==" not in source.replace('"', "")
 
 
 @pytest.mark.parametrize(
