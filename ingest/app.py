@@ -8,12 +8,13 @@ from aiohttp import web
 
 from ingest import handlers
 from ingest.admin import setup_admin
-from ingest.appkeys import AUTH, INFLIGHT, METRICS, QUEUE, REDIS, SETTINGS, STORE
+from ingest.appkeys import AUTH, INFLIGHT, METRICS, PROXY, QUEUE, REDIS, SETTINGS, STORE
 from ingest.auth import BasicAuth
 from ingest.batching import GroupCommit
 from ingest.body import InflightBudget
 from ingest.edgelog import quiet_client_mistakes
 from ingest.metrics import ReceiverMetrics
+from ingest.proxy import ClientResolver
 from shared.contract import Keys
 from shared.redis_conn import redis_client
 from shared.settings import Settings
@@ -39,7 +40,14 @@ def create_app(settings: Settings, *, require_auth: bool = True) -> web.Applicat
     )
     app[SETTINGS] = settings
     app[INFLIGHT] = InflightBudget(settings.receiver.max_inflight_bytes)
-    app[AUTH] = BasicAuth(settings.receiver.basic_auth_user, settings.receiver.basic_auth_password)
+    receiver = settings.receiver
+    app[AUTH] = BasicAuth(
+        receiver.basic_auth_user,
+        receiver.basic_auth_password,
+        max_failures=receiver.auth_failures_per_address,
+        total_failures=receiver.auth_failures_total,
+    )
+    app[PROXY] = ClientResolver(receiver.trusted_proxies, receiver.proxy_headers)
     app[METRICS] = ReceiverMetrics()
     app.cleanup_ctx.append(_redis_ctx)
     app.router.add_post(WEBHOOK_PATH, handlers.receive_exam_results)

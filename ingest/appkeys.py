@@ -9,6 +9,7 @@ from ingest.auth import BasicAuth
 from ingest.batching import GroupCommit
 from ingest.body import InflightBudget
 from ingest.metrics import ReceiverMetrics
+from ingest.proxy import ClientResolver
 from shared.settings import Settings
 from shared.store import Store
 
@@ -19,3 +20,4 @@ QUEUE = web.AppKey("queue", GroupCommit)
 AUTH = web.AppKey("auth", BasicAuth)
 METRICS = web.AppKey("metrics", ReceiverMetrics)
 INFLIGHT = web.AppKey("inflight", InflightBudget)
+PROXY = web.AppKey("proxy", ClientResolver)

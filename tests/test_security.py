@@ -123,8 +123,8 @@ def test_failed_authentication_table_is_bounded() -> None:
     auth = BasicAuth("synap", "s3cret", max_clients=100)
     for i in range(10_000):
         auth.failed(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
-        assert len(auth._failures) <= 100
-    assert len(auth._failures) == 100
+        assert len(auth.limiter._failures) <= 100
+    assert len(auth.limiter._failures) == 100
 
 
 def test_rate_limit_applies_after_max_failures_and_expires(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,6 +140,28 @@ def test_rate_limit_applies_after_max_failures_and_expires(monkeypatch: pytest.M
     assert not auth.limited("5.6.7.8")
     now[0] += 61
     assert not auth.limited("1.2.3.4")
+
+
+def test_total_failures_lock_out_each_further_failing_address_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past total_failures in a window, any address that fails is limited at its first
+    failure; addresses that do not fail are never limited by the total; the next window
+    starts afresh."""
+    now = [1000.0]
+    monkeypatch.setattr(ingest.auth.time, "monotonic", lambda: now[0])
+    auth = BasicAuth("synap", "s3cret", max_failures=20, total_failures=10, window_seconds=60)
+    for i in range(10):
+        auth.failed(f"10.0.0.{i}")
+    assert not any(auth.limited(f"10.0.0.{i}") for i in range(10))
+    assert auth.limiter.under_pressure
+    auth.failed("10.0.1.1")
+    assert auth.limited("10.0.1.1")
+    assert not auth.limited("10.0.1.2")  # Synap, say: it never failed
+    now[0] += 61
+    assert not auth.limiter.under_pressure
+    auth.failed("10.0.1.3")
+    assert not auth.limited("10.0.1.3")
 
 
 async def test_endpoint_answers_429_after_too_many_failures(aiohttp_client: Any, make_settings: Any) -> None:

@@ -26,8 +26,8 @@ from ingest.admin.security import (
     SESSION_SECONDS,
     AdminAuth,
 )
-from ingest.appkeys import SETTINGS, STORE
-from ingest.auth import BasicAuth
+from ingest.appkeys import PROXY, SETTINGS, STORE
+from ingest.auth import FailureLimiter
 from shared.inspection import Inspector, iso
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -60,7 +60,7 @@ class Admin:
     auth: AdminAuth
     jinja: jinja2.Environment
     # failed token presentations per client address (login form and Bearer header)
-    limiter: BasicAuth
+    limiter: FailureLimiter
 
 
 ADMIN = web.AppKey("examhook_admin", Admin)
@@ -122,7 +122,8 @@ def _set_cookie(
         path="/admin",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        # behind a TLS-terminating proxy: its X-Forwarded-Proto, when it is trusted
+        secure=request.app[PROXY].scheme(request) == "https",
     )
 
 
@@ -198,7 +199,7 @@ def protected(handler: Handler) -> Handler:
 
 async def _guarded(handler: Handler, request: web.Request) -> web.StreamResponse:
     admin = request.app[ADMIN]
-    client = request.remote or "-"
+    client = request.app[PROXY].client(request)
     if admin.limiter.limited(client):
         return _text(429, "too many failed attempts; try again in a minute", **{"Retry-After": "60"})
     session, presented = _session(request)
@@ -222,7 +223,7 @@ async def login_page(request: web.Request) -> web.StreamResponse:
     """GET /admin/login — the form; POST — check the token, set the session cookie."""
     admin = request.app[ADMIN]
     auth = admin.auth
-    client = request.remote or "-"
+    client = request.app[PROXY].client(request)
     next_url = _safe_back(request.query.get("next"))
     cookie = request.cookies.get(SESSION_COOKIE)
     if request.method == "GET" and cookie and auth.check_session(cookie):
