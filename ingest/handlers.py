@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from ingest.appkeys import AUTH, INFLIGHT, METRICS, PROXY, QUEUE, REDIS, SETTINGS, STORE
 from ingest.auth import too_many_failures, unauthorized
 from ingest.body import Refusal, Reservation, encoding_of, read_body
-from shared.payload import decoder, error_path
+from shared.payload import decoder, error_path, release_problem
 from shared.store import Incoming, Rejected, now_ms
 
 log = logging.getLogger("examhook.ingest")
@@ -129,6 +129,9 @@ async def _accept(request: web.Request, body: bytes, started: float) -> web.Resp
         return await _reject(request, body, "invalid_json", str(exc), None, 400)
     except RecursionError:  # absurd nesting inside a field the model skips
         return await _reject(request, body, "invalid_json", "JSON nested too deeply", None, 400)
+    problem = release_problem(event, time.time(), app[SETTINGS].receiver.max_future_skew_seconds)
+    if problem is not None:
+        return await _reject(request, body, "invalid_payload", problem, "$.attempt.audit.releasedAt", 422)
 
     incoming = Incoming.of(event, body)
     try:

@@ -544,3 +544,118 @@ async def test_malformed_header_never_logs_the_credentials(
     lines = [r for r in logs if "bad HTTP request" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno <= logging.INFO
     assert len(lines[0].getMessage()) < 200
+
+
+# -- 7. bounded identifiers ---------------------------------------------------------------------
+
+ID_PATHS = [
+    ("id",),
+    ("user", "id"),
+    ("user", "subPortalId"),
+    ("portal", "id"),
+    ("meta", "eventName"),
+    ("meta", "timestamp"),
+    ("attempt", "id"),
+    ("attempt", "marker", "id"),
+    ("attempt", "audit", "releasedAt"),
+    ("attempt", "audit", "releasedBy"),
+    ("test", "id"),
+    ("exam", "id"),
+    ("exam", "userGroup", "id"),
+]
+
+
+def with_value(sample_body: bytes, path: tuple[str, ...], value: Any) -> bytes:
+    data = json.loads(sample_body)
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return json.dumps(data).encode()
+
+
+@pytest.mark.parametrize("path", ID_PATHS, ids=[".".join(p) for p in ID_PATHS])
+async def test_overlong_identifier_is_422_with_its_path(
+    client: Client, sample_body: bytes, redis: Redis, prefix: str, path: tuple[str, ...]
+) -> None:
+    """An identifier (or timestamp) longer than the model allows (257 characters; 65 for
+    timestamps) is 422 invalid_payload with its JSON path, and quarantined."""
+    limit = 64 if path[-1] in ("releasedAt", "timestamp") else 256
+    status, _, answer = await raw(client, webhook(with_value(sample_body, path, "1" * (limit + 1))))
+    assert status == 422, answer
+    data = json.loads(answer)
+    assert data["error"] == "invalid_payload"
+    assert data["path"] == "$." + ".".join(path)
+    assert await redis.zscore(Keys(prefix).rejected, data["rejected_id"]) is not None
+
+
+async def test_identifiers_at_the_limit_are_accepted(client: Client, sample_body: bytes) -> None:
+    """256-character ids are fine."""
+    body = with_value(with_value(sample_body, ("attempt", "id"), "a" * 256), ("user", "id"), "u" * 256)
+    status, _, answer = await raw(client, webhook(body))
+    assert status == 202, answer
+
+
+async def test_huge_attempt_id_makes_no_huge_log_line(
+    client: Client, sample_body: bytes, logs: list[logging.LogRecord]
+) -> None:
+    """A 900 KB attempt.id is refused (422) and no log line carries it (it once made a
+    900 KB log line)."""
+    status, _, _ = await raw(client, webhook(with_value(sample_body, ("attempt", "id"), "a" * 900_000)))
+    assert status == 422
+    assert max(len(formatted(r)) for r in logs) < 4000
+
+
+# -- 14. releasedAt -------------------------------------------------------------------------------
+
+
+def iso_in(seconds: float) -> str:
+    import datetime
+
+    moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+@pytest.mark.parametrize(
+    "released_at",
+    ["9999-12-31T23:59:59.000Z", iso_in(2 * 86_400), "not a date", "2026-13-45T00:00:00Z", ""],
+    ids=["year-9999", "in-two-days", "not-a-date", "impossible-date", "empty"],
+)
+async def test_release_far_in_the_future_or_not_a_timestamp_is_422(
+    client: Client, sample_body: bytes, redis: Redis, prefix: str, released_at: str
+) -> None:
+    """attempt.audit.releasedAt more than max_future_skew_seconds (1 day) ahead, or not an
+    ISO 8601 timestamp, is 422 invalid_payload at $.attempt.audit.releasedAt, quarantined
+    (and so never blocks the attempt's real releases as "superseded")."""
+    body = with_value(sample_body, ("attempt", "audit", "releasedAt"), released_at)
+    status, _, answer = await raw(client, webhook(body))
+    assert status == 422, answer
+    data = json.loads(answer)
+    assert (data["error"], data["path"]) == ("invalid_payload", "$.attempt.audit.releasedAt")
+    assert await redis.zscore(Keys(prefix).rejected, data["rejected_id"]) is not None
+    assert await redis.zcard(Keys(prefix).queue) == 0
+
+
+@pytest.mark.parametrize(
+    "released_at",
+    [iso_in(3600), iso_in(-86_400 * 400), "2026-11-23T09:00:00+01:00", "2026-11-23T09:00:00"],
+    ids=["in-an-hour", "last-year", "with-offset", "no-offset"],
+)
+async def test_release_within_the_skew_is_accepted(
+    client: Client, sample_body: bytes, released_at: str
+) -> None:
+    """A release up to a day ahead (clock skew), any past one, with or without an offset, is accepted."""
+    body = with_value(sample_body, ("attempt", "audit", "releasedAt"), released_at)
+    status, _, answer = await raw(client, webhook(body))
+    assert status == 202, answer
+
+
+async def test_future_skew_is_configurable(
+    aiohttp_client: Any, make_settings: Any, sample_body: bytes
+) -> None:
+    """With max_future_skew_seconds = 60 a release an hour ahead is refused."""
+    receiver = {"basic_auth_user": USER, "basic_auth_password": PASSWORD, "max_future_skew_seconds": 60}
+    client = await aiohttp_client(create_app(make_settings(receiver=receiver)))
+    body = with_value(sample_body, ("attempt", "audit", "releasedAt"), iso_in(3600))
+    status, _, answer = await raw(client, webhook(body))
+    assert status == 422, answer
