@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import secrets
 import time
 
 import msgspec
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
 from ingest.appkeys import AUTH, INFLIGHT, METRICS, PROXY, QUEUE, REDIS, SETTINGS, STORE
@@ -187,12 +189,45 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: for Prometheus with ``Authorization: Bearer <receiver.metrics_token>``
+    or the receiver's Basic credentials; open only when neither is configured."""
     app = request.app
-    registry = app[METRICS].registry
+    refused = _metrics_refused(request)
+    if refused is not None:
+        return refused
     # with Redis down the queue gauges keep their last value; /readyz reports the outage
     with contextlib.suppress(RedisError, OSError):
         await _queue_gauges(app)
-    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _metrics_refused(request: web.Request) -> web.Response | None:
+    app = request.app
+    auth, token = app[AUTH], app[SETTINGS].receiver.metrics_token
+    if not auth.enabled and token is None:
+        return None
+    client = app[PROXY].client(request)
+    if auth.limited(client):
+        return too_many_failures()
+    header = request.headers.get("Authorization")
+    if token is not None and _bearer_is(header, token):
+        return None
+    if auth.enabled and auth.check(header):
+        return None
+    auth.failed(client)  # the same count as the webhook's: /metrics is no side door for guessing
+    challenges = []
+    if token is not None:
+        challenges.append('Bearer realm="examhook-metrics"')
+    if auth.enabled:
+        challenges.append('Basic realm="examhook"')
+    return json_response({"error": "unauthorized"}, 401, **{"WWW-Authenticate": ", ".join(challenges)})
+
+
+def _bearer_is(header: str | None, token: str) -> bool:
+    if not header or header[:7].lower() != "bearer ":
+        return False
+    given = header[7:].strip().encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(token.encode()).digest())
 
 
 async def _queue_gauges(app: web.Application) -> None:
