@@ -105,6 +105,13 @@ def test_metrics_token_from_the_environment_is_masked(tmp_path: Path) -> None:
     assert TOKEN not in result.output
 
 
+def test_metrics_token_is_redacted_on_admin_pages(make_settings: Any) -> None:
+    """The metrics token is one of the secrets the admin pages never show."""
+    from ingest.admin.redact import secrets_of
+
+    assert TOKEN in secrets_of(make_settings(receiver=receiver(metrics_token=TOKEN)))
+
+
 # -- 13. several receiver processes ------------------------------------------------------------
 
 

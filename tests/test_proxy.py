@@ -96,6 +96,19 @@ async def test_forwarding_headers_from_an_untrusted_peer_are_ignored(
     assert await post(client, sample_body, GOOD, **via("203.0.113.1")) == 429
 
 
+async def test_forwarding_headers_from_an_untrusted_peer_are_pointed_out_once(
+    aiohttp_client: Any, make_settings: Any, sample_body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Failed authentications carrying X-Forwarded-For from a peer that is not trusted (a
+    proxy missing from trusted_proxies) make the receiver say so, once."""
+    client = await aiohttp_client(create_app(make_settings()))
+    with caplog.at_level("WARNING", logger="examhook.ingest"):
+        for i in range(3):
+            assert await post(client, sample_body, BAD, **via(f"192.0.2.{i}")) == 401
+    hints = [r for r in caplog.records if "trusted_proxies" in r.getMessage()]
+    assert len(hints) == 1
+
+
 async def test_forwarded_header_when_configured(
     aiohttp_client: Any, make_settings: Any, sample_body: bytes
 ) -> None:
