@@ -100,23 +100,37 @@ def receive(
 
 
 def _run_processes(count: int, host: str, port: int, no_auth: bool, config_path: str | None) -> int:
-    """Start ``count`` receivers on one port (SO_REUSEPORT); forward signals; wait."""
+    """Start ``count`` receivers on one port (SO_REUSEPORT); forward signals; wait.
+
+    The children share a private metrics directory (prometheus_client's multiprocess
+    mode), so that /metrics of any of them shows the sum of all; it is removed at the end.
+    """
+    import shutil
+    import tempfile
+
+    from ingest.metrics import MULTIPROCESS_ENV
+
     args = [sys.executable, "-m", "cli.main", "receive", "--host", host, "--port", str(port), "--reuse-port"]
     if no_auth:
         args.append("--no-auth")
     if config_path:
         args += ["--config", config_path]
-    children = [subprocess.Popen(args) for _ in range(count)]
+    metrics_dir = tempfile.mkdtemp(prefix="examhook-metrics-")
+    try:
+        env = {**os.environ, MULTIPROCESS_ENV: metrics_dir}
+        children = [subprocess.Popen(args, env=env) for _ in range(count)]
 
-    def forward(signum: int, _frame: Any) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+        def forward(signum: int, _frame: Any) -> None:
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [child.wait() for child in children]
-    return max(codes)
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        codes = [child.wait() for child in children]
+        return max(codes)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @cli.command()

@@ -8,10 +8,13 @@ from aiohttp import web
 
 from ingest import handlers
 from ingest.admin import setup_admin
-from ingest.appkeys import AUTH, METRICS, QUEUE, REDIS, SETTINGS, STORE
+from ingest.appkeys import AUTH, INFLIGHT, METRICS, OUTAGE, PROXY, QUEUE, REDIS, SETTINGS, STORE
 from ingest.auth import BasicAuth
 from ingest.batching import GroupCommit
+from ingest.body import InflightBudget
+from ingest.edgelog import OutageLog, quiet_client_mistakes
 from ingest.metrics import ReceiverMetrics
+from ingest.proxy import ClientResolver
 from shared.contract import Keys
 from shared.redis_conn import redis_client
 from shared.settings import Settings
@@ -25,11 +28,27 @@ def create_app(settings: Settings, *, require_auth: bool = True) -> web.Applicat
     without credentials; with credentials configured they are always enforced."""
     if require_auth and not settings.auth_configured:
         raise ValueError("Basic auth credentials are required (or pass --no-auth)")
-    # client_max_size makes read() stop reading a body over the limit (the handler checks
-    # the exact size too).
-    app = web.Application(client_max_size=settings.receiver.max_body_bytes)
+    quiet_client_mistakes()
+    # client_max_size bounds what request.post() reads (the admin forms); the webhook reads
+    # its body itself (ingest.body), compressed bodies included: aiohttp's own decoding
+    # runs in the HTTP parser, before authentication, and fails with tracebacks.
+    # handler_args apply in every runner (``receive``, ``dev``, the tests' servers): a
+    # client that goes away never cancels a handler halfway (as ``receive`` always had it).
+    app = web.Application(
+        client_max_size=settings.receiver.max_body_bytes,
+        handler_args={"auto_decompress": False, "handler_cancellation": False},
+    )
     app[SETTINGS] = settings
-    app[AUTH] = BasicAuth(settings.receiver.basic_auth_user, settings.receiver.basic_auth_password)
+    app[INFLIGHT] = InflightBudget(settings.receiver.max_inflight_bytes)
+    receiver = settings.receiver
+    app[AUTH] = BasicAuth(
+        receiver.basic_auth_user,
+        receiver.basic_auth_password,
+        max_failures=receiver.auth_failures_per_address,
+        total_failures=receiver.auth_failures_total,
+    )
+    app[PROXY] = ClientResolver(receiver.trusted_proxies, receiver.proxy_headers)
+    app[OUTAGE] = OutageLog(handlers.log)
     app[METRICS] = ReceiverMetrics()
     app.cleanup_ctx.append(_redis_ctx)
     app.router.add_post(WEBHOOK_PATH, handlers.receive_exam_results)
@@ -46,7 +65,10 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     store = Store(redis, Keys(settings.redis.prefix), settings.retention)
     app[REDIS] = redis
     app[STORE] = store
-    app[QUEUE] = GroupCommit(store, settings.receiver.max_batch, app[METRICS])
+    receiver = settings.receiver
+    app[QUEUE] = GroupCommit(
+        store, receiver.max_batch, app[METRICS], max_batch_bytes=receiver.max_batch_bytes
+    )
     yield
     # every request already waiting on Redis gets its answer before the client closes
     await app[QUEUE].drain()

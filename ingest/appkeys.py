@@ -7,7 +7,10 @@ from redis.asyncio import Redis
 
 from ingest.auth import BasicAuth
 from ingest.batching import GroupCommit
+from ingest.body import InflightBudget
+from ingest.edgelog import OutageLog
 from ingest.metrics import ReceiverMetrics
+from ingest.proxy import ClientResolver
 from shared.settings import Settings
 from shared.store import Store
 
@@ -17,3 +20,6 @@ STORE = web.AppKey("store", Store)
 QUEUE = web.AppKey("queue", GroupCommit)
 AUTH = web.AppKey("auth", BasicAuth)
 METRICS = web.AppKey("metrics", ReceiverMetrics)
+INFLIGHT = web.AppKey("inflight", InflightBudget)
+PROXY = web.AppKey("proxy", ClientResolver)
+OUTAGE = web.AppKey("outage", OutageLog)

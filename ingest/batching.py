@@ -2,7 +2,8 @@
 
 Each request hands its event to :meth:`GroupCommit.submit` and waits for *its own*
 answer. While one batch is in flight, new events gather; the next batch takes them
-all (up to ``max_batch``). Under load that turns thousands of round trips into a few
+all, up to ``max_batch`` events and ``max_batch_bytes`` of bodies (always at least one
+event), so that no Redis call grows with the load. Under load that turns thousands of round trips into a few
 hundred, and a request is still answered only after Redis confirmed its write.
 
 Counting and logging happen here too, once per batch: a log line per request cost ~10%
@@ -21,9 +22,12 @@ log = logging.getLogger("examhook.ingest")
 
 
 class GroupCommit:
-    def __init__(self, store: Store, max_batch: int, metrics: ReceiverMetrics) -> None:
+    def __init__(
+        self, store: Store, max_batch: int, metrics: ReceiverMetrics, *, max_batch_bytes: int = 8 << 20
+    ) -> None:
         self.store = store
         self.max_batch = max_batch
+        self.max_batch_bytes = max_batch_bytes
         self.metrics = metrics
         self._pending: list[tuple[Incoming, asyncio.Future[bool]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -45,8 +49,9 @@ class GroupCommit:
     async def _flush(self) -> None:
         try:
             while self._pending:
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
+                count = self._batch_length()
+                batch = self._pending[:count]
+                del self._pending[:count]
                 events = [event for event, _ in batch]
                 try:
                     results = await self.store.accept_batch(events)
@@ -64,9 +69,22 @@ class GroupCommit:
         finally:
             self._flusher = None
 
+    def _batch_length(self) -> int:
+        """How many of the pending events the next Redis call takes."""
+        pending, budget = self._pending, self.max_batch_bytes
+        size = len(pending[0][0].body)
+        count = 1
+        for event, _ in pending[1 : self.max_batch]:
+            size += len(event.body)
+            if size > budget:
+                break
+            count += 1
+        return count
+
     def _report(self, events: list[Incoming], results: list[bool]) -> None:
         metrics = self.metrics
         metrics.batch_size.observe(len(events))
+        metrics.batch_bytes.observe(sum(len(e.body) for e in events))
         accepted = sum(results)
         metrics.accepted.inc(accepted)
         metrics.duplicate.inc(len(events) - accepted)

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import secrets
 import time
 
 import msgspec
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError, ResponseError
 
-from ingest.appkeys import AUTH, METRICS, QUEUE, REDIS, SETTINGS, STORE
-from ingest.auth import unauthorized
-from shared.payload import decoder, error_path
+from ingest.appkeys import AUTH, INFLIGHT, METRICS, OUTAGE, PROXY, QUEUE, REDIS, SETTINGS, STORE
+from ingest.auth import too_many_failures, unauthorized
+from ingest.body import Refusal, Reservation, encoding_of, read_body
+from shared.payload import decoder, error_path, release_problem
 from shared.store import Incoming, Rejected, now_ms
 
 log = logging.getLogger("examhook.ingest")
@@ -52,28 +55,60 @@ async def _receive(request: web.Request) -> web.Response:
     app = request.app
     started = time.perf_counter()
     auth = app[AUTH]
-    client = request.remote or "-"
+    client = app[PROXY].client(request)
     if auth.enabled:
-        if auth.limited(client):
-            return json_response({"error": "too_many_failed_authentications"}, 429, **{"Retry-After": "60"})
+        if auth.limited(client):  # not even checked: a right guess now would reveal nothing
+            return too_many_failures()
         if not auth.check(request.headers.get("Authorization")):
             auth.failed(client)
+            app[PROXY].hint(request)
             log.warning("authentication failed", extra={"client": client})
             return unauthorized()
     if not _is_json(request.content_type):
         return json_response(
             {"error": "unsupported_media_type", "detail": "Content-Type must be application/json"}, 415
         )
-    limit = app[SETTINGS].receiver.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        return json_response({"error": "payload_too_large", "detail": f"limit is {limit} bytes"}, 413)
+    receiver = app[SETTINGS].receiver
+    reservation = Reservation(app[INFLIGHT])
     try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        body = None
-    if body is None or len(body) > limit:  # streamed bodies have no Content-Length to check first
-        return json_response({"error": "payload_too_large", "detail": f"limit is {limit} bytes"}, 413)
+        try:
+            wbits = encoding_of(request)
+            body = await read_body(
+                request, receiver.max_body_bytes, receiver.body_timeout_seconds, reservation, wbits
+            )
+        except Refusal as refusal:
+            if refusal.raw is not None:  # read, authenticated, not decodable: keep it
+                return await _reject(
+                    request, refusal.raw, refusal.error, refusal.detail, None, refusal.status
+                )
+            return await _refused(request, refusal)
+        except ConnectionError:
+            log.debug("client went away mid-body", extra={"client": client})
+            return json_response({"error": "incomplete_body"}, 400)
+        return await _accept(request, body, started)
+    finally:
+        reservation.close()
 
+
+async def _refused(request: web.Request, refusal: Refusal) -> web.Response:
+    response = json_response({"error": refusal.error, "detail": refusal.detail}, refusal.status)
+    if refusal.status == 503:
+        response.headers["Retry-After"] = RETRY_AFTER_SECONDS
+    elif refusal.status == 400:
+        response.force_close()  # the framing is broken: no further request on this connection
+    elif refusal.status == 408:
+        # Send the answer, then close at once: aiohttp would otherwise linger up to 10 s
+        # more, reading the rest of a body that is not coming.
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
+    return response
+
+
+async def _accept(request: web.Request, body: bytes, started: float) -> web.Response:
+    """Validate and queue a body that was read in full."""
+    app = request.app
     try:
         # msgspec skips unknown fields without decoding their strings: check UTF-8 here,
         # since the body is forwarded byte for byte.
@@ -96,13 +131,19 @@ async def _receive(request: web.Request) -> web.Response:
         return await _reject(request, body, "invalid_json", str(exc), None, 400)
     except RecursionError:  # absurd nesting inside a field the model skips
         return await _reject(request, body, "invalid_json", "JSON nested too deeply", None, 400)
+    problem = release_problem(event, time.time(), app[SETTINGS].receiver.max_future_skew_seconds)
+    if problem is not None:
+        return await _reject(request, body, "invalid_payload", problem, "$.attempt.audit.releasedAt", 422)
 
     incoming = Incoming.of(event, body)
     try:
         accepted = await app[QUEUE].submit(incoming)
     except (RedisError, OSError) as exc:
-        log.error("queue unavailable: %s", exc.__class__.__name__, extra={"event_id": incoming.event_id})
+        app[OUTAGE].failed(exc.__class__.__name__)  # one line per outage, not per request
         return queue_unavailable()
+    outage = app[OUTAGE]
+    if outage.active:
+        outage.recovered()
     app[METRICS].enqueue_seconds.observe(time.perf_counter() - started)
     # counted and logged per batch by the group commit
     if accepted:
@@ -126,8 +167,9 @@ async def _reject(
     )
     try:
         await app[STORE].quarantine(rejected)
-    except (RedisError, OSError):
+    except (RedisError, OSError) as exc:
         # Nothing that passed authentication may be lost: make the sender retry.
+        app[OUTAGE].failed(exc.__class__.__name__)
         return queue_unavailable()
     app[METRICS].rejected_events.inc()
     log.info("rejected", extra={"reject_id": rejected.id, "error": error, "path": path})
@@ -143,20 +185,59 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready = Redis takes a write: a tiny expiring key under the prefix. A Redis that
+    answers PING but refuses writes (full under noeviction, a read-only replica) would
+    answer every webhook with 503."""
+    app = request.app
     try:
-        await request.app[REDIS].ping()
+        await app[REDIS].set(app[STORE].keys.prefix + ":readyz", b"1", px=10_000)
+    except ResponseError:
+        return json_response({"status": "not_ready", "redis": "not_writable"}, 503)
     except (RedisError, OSError):
         return json_response({"status": "not_ready", "redis": "unreachable"}, 503)
     return json_response({"status": "ready"}, 200)
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: for Prometheus with ``Authorization: Bearer <receiver.metrics_token>``
+    or the receiver's Basic credentials; open only when neither is configured."""
     app = request.app
-    registry = app[METRICS].registry
+    refused = _metrics_refused(request)
+    if refused is not None:
+        return refused
     # with Redis down the queue gauges keep their last value; /readyz reports the outage
     with contextlib.suppress(RedisError, OSError):
         await _queue_gauges(app)
-    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _metrics_refused(request: web.Request) -> web.Response | None:
+    app = request.app
+    auth, token = app[AUTH], app[SETTINGS].receiver.metrics_token
+    if not auth.enabled and token is None:
+        return None
+    client = app[PROXY].client(request)
+    if auth.limited(client):
+        return too_many_failures()
+    header = request.headers.get("Authorization")
+    if token is not None and _bearer_is(header, token):
+        return None
+    if auth.enabled and auth.check(header):
+        return None
+    auth.failed(client)  # the same count as the webhook's: /metrics is no side door for guessing
+    challenges = []
+    if token is not None:
+        challenges.append('Bearer realm="examhook-metrics"')
+    if auth.enabled:
+        challenges.append('Basic realm="examhook"')
+    return json_response({"error": "unauthorized"}, 401, **{"WWW-Authenticate": ", ".join(challenges)})
+
+
+def _bearer_is(header: str | None, token: str) -> bool:
+    if not header or header[:7].lower() != "bearer ":
+        return False
+    given = header[7:].strip().encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(hashlib.sha256(given).digest(), hashlib.sha256(token.encode()).digest())
 
 
 async def _queue_gauges(app: web.Application) -> None:

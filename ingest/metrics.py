@@ -1,17 +1,36 @@
-"""Prometheus metrics of one receiver process (its own registry, so tests can run many)."""
+"""Prometheus metrics of one receiver process (its own registry, so tests can run many).
+
+``receive --processes N`` runs N processes behind one port, and a scrape reaches one of
+them. So that every scrape shows the receiver as a whole (counters that never jump
+between two processes' values, which Prometheus would take for resets), the parent gives
+its children a private directory in ``PROMETHEUS_MULTIPROC_DIR`` (removed when it stops):
+prometheus_client then keeps each process's values in a file there, and /metrics of any
+process sums them all (its multiprocess mode). The queue gauges, read from Redis at
+scrape time, show the most recent reading.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from shared.contract import MAX_EVENTS_PER_JOB
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class ReceiverMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # what /metrics shows: this process's registry, or every process's values
+        self.exposed = self.registry
+        directory = os.environ.get(MULTIPROCESS_ENV)
+        if directory:
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed, path=directory)  # type: ignore[no-untyped-call]
         self.requests = Counter(
             "examhook_receiver_requests",
             "Webhook requests answered, by HTTP status.",
@@ -41,6 +60,12 @@ class ReceiverMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=self.registry,
         )
+        self.batch_bytes = Histogram(
+            "examhook_receiver_batch_bytes",
+            "Body bytes written per Redis round trip (group commit).",
+            buckets=(4096, 16384, 65536, 262144, 1 << 20, 2 << 20, 4 << 20, 8 << 20, 16 << 20),
+            registry=self.registry,
+        )
         # Read from Redis at scrape time (the queue is shared by every receiver and worker).
         self.queue_depth = Gauge(
             "examhook_queue_jobs",
@@ -48,16 +73,30 @@ class ReceiverMetrics:
             f" {MAX_EVENTS_PER_JOB} events) or scheduled retries.",
             ["state"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.oldest_age = Gauge(
             "examhook_queue_oldest_age_seconds",
             "Age of the oldest job that is due (0 when none).",
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.failures = Gauge(
-            "examhook_failures", "Failed deliveries kept for inspection.", registry=self.registry
+            "examhook_failures",
+            "Failed deliveries kept for inspection.",
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
-        self.rejected = Gauge("examhook_rejected", "Bodies in the quarantine.", registry=self.registry)
+        self.rejected = Gauge(
+            "examhook_rejected",
+            "Bodies in the quarantine.",
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+
+    def exposition(self) -> bytes:
+        """The Prometheus text of /metrics."""
+        return generate_latest(self.exposed)
 
     def answered(self, status: int) -> None:
         child = self._by_status.get(status)

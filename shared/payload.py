@@ -8,11 +8,20 @@ and the dashed ``exam.attr`` keys are named explicitly.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
+from typing import Annotated
 
 import msgspec
 
 # JSON scalars Synap allows in user.customAttributes.
 CustomValue = str | int | float | bool | None
+
+# Identifiers and timestamps have sane bounds: they end up in Redis keys, log lines and
+# database columns, and no real one comes near them (a longer one is a 422 with its path).
+MAX_ID_LENGTH = 256
+MAX_TIMESTAMP_LENGTH = 64
+Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
+Timestamp = Annotated[str, msgspec.Meta(max_length=MAX_TIMESTAMP_LENGTH)]
 
 
 class Base(msgspec.Struct, rename="camel", frozen=True, gc=False):
@@ -29,20 +38,20 @@ class Base(msgspec.Struct, rename="camel", frozen=True, gc=False):
 
 
 class User(Base, frozen=True):
-    id: str
+    id: Id
     name: str
     email: str
-    sub_portal_id: str | None = None
+    sub_portal_id: Id | None = None
     custom_attributes: dict[str, CustomValue] = {}
 
 
 class Portal(Base, frozen=True):
-    id: str
+    id: Id
 
 
 class Meta(Base, frozen=True):
-    timestamp: str
-    event_name: str
+    timestamp: Timestamp
+    event_name: Id
 
 
 class Grade(Base, frozen=True):
@@ -58,8 +67,8 @@ class GradeCriteria(Base, frozen=True):
 class Instructions(Base, frozen=True):
     is_unlocked: bool
     did_progress: bool
-    time_started: str
-    time_completed: str
+    time_started: Timestamp
+    time_completed: Timestamp
     time_spent_in_ms: float
 
 
@@ -77,8 +86,8 @@ class AttemptState(Base, frozen=True):
     response_question_map: list[list[str]]
     is_revoked: bool
     is_started: bool
-    time_started: str
-    time_completed: str
+    time_started: Timestamp
+    time_completed: Timestamp
     time_spent_in_ms: float
     results: Results
     deferred: Deferred
@@ -105,14 +114,14 @@ class Tags(Base, frozen=True):
 
 
 class Ref(Base, frozen=True):
-    id: str
+    id: Id
 
 
 class Audit(Base, frozen=True):
-    finalised_by: str
-    finalised_at: str
-    released_by: str
-    released_at: str
+    finalised_by: Id
+    finalised_at: Timestamp
+    released_by: Id
+    released_at: Timestamp
 
 
 class Attempt(Base, frozen=True):
@@ -121,15 +130,15 @@ class Attempt(Base, frozen=True):
     total_answered_correctly: float
     grade: Grade
     grade_criteria: GradeCriteria
-    id: str
+    id: Id
     is_exam: bool
     state: AttemptState
     marks: Marks
     total_questions: float
     tags: Tags
     total_answered: float
-    time_started: str
-    time_completed: str
+    time_started: Timestamp
+    time_completed: Timestamp
     time_spent_in_ms: float
     status: str
     exam_status: str
@@ -142,7 +151,7 @@ class Attempt(Base, frozen=True):
 
 class Test(Base, frozen=True):
     __test__ = False  # not a pytest test class
-    id: str
+    id: Id
     title: str
 
 
@@ -150,7 +159,7 @@ class ExamAttr(Base, frozen=True):
     """Portal-specific custom attributes: every key optional, extra keys ignored."""
 
     exam_weight: float | None = msgspec.field(default=None, name="exam-weight")
-    exam_group_id: str | None = msgspec.field(default=None, name="exam-group-id")
+    exam_group_id: Id | None = msgspec.field(default=None, name="exam-group-id")
     publish_exam_grade: bool | None = msgspec.field(default=None, name="publish-exam-grade")
     plagiarism_checker_enabled: bool | None = msgspec.field(default=None, name="plagiarism-checker-enabled")
     scoring_model: str | None = msgspec.field(default=None, name="scoring-model")
@@ -159,15 +168,15 @@ class ExamAttr(Base, frozen=True):
 
 
 class UserGroup(Base, frozen=True):
-    id: str
+    id: Id
     name: str
 
 
 class Exam(Base, frozen=True):
-    id: str
+    id: Id
     name: str
     resit_count: float
-    source_tests: list[str]
+    source_tests: list[Id]
     user_group: UserGroup
     attr: ExamAttr = ExamAttr()
 
@@ -180,9 +189,9 @@ class ExamResultsReleased(Base, frozen=True):
     meta: Meta
     attempt: Attempt
     test: Test
-    id: str
-    time_started: str
-    time_completed: str
+    id: Id
+    time_started: Timestamp
+    time_completed: Timestamp
     time_spent_in_ms: float
     exam: Exam
 
@@ -200,3 +209,22 @@ def error_path(error: msgspec.ValidationError) -> tuple[str, str]:
     if match is None:
         return message, "$"
     return message[: match.start()], match.group(1)
+
+
+def release_problem(event: ExamResultsReleased, now: float, max_future_skew: float) -> str | None:
+    """Why ``attempt.audit.releasedAt`` cannot be taken, or None.
+
+    It must be an ISO 8601 timestamp (read as UTC without an offset, as
+    ``shared.contract.released_ms`` reads it) no more than ``max_future_skew`` seconds
+    after ``now`` (epoch seconds): a release dated far ahead would make every real later
+    release of the attempt look older, and so be skipped as superseded.
+    """
+    try:
+        moment = datetime.fromisoformat(event.attempt.audit.released_at)
+    except ValueError:
+        return "releasedAt is not an ISO 8601 timestamp"
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if moment.timestamp() > now + max_future_skew:
+        return f"releasedAt is more than {max_future_skew:g} s in the future"
+    return None

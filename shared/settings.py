@@ -145,8 +145,25 @@ class ReceiverConfig(Base, frozen=True):
     basic_auth_user: str | None = None
     basic_auth_password: str | None = None
     max_body_bytes: PositiveInt = 1024 * 1024
-    # Coalesce concurrent requests' writes into one Redis round trip of at most this many events.
+    # Coalesce concurrent requests' writes into one Redis round trip of at most this many
+    # events and (past the first event) this many body bytes.
     max_batch: PositiveInt = 256
+    max_batch_bytes: PositiveInt = 8 * 1024 * 1024
+    # Body bytes all requests of one receiver process may hold at once; past it: 503.
+    max_inflight_bytes: PositiveInt = 64 * 1024 * 1024
+    # A request's body must have arrived this long after its headers; else 408.
+    body_timeout_seconds: PositiveFloat = 10.0
+    # A release (attempt.audit.releasedAt) further in the future than this is refused (422).
+    max_future_skew_seconds: Annotated[int, msgspec.Meta(ge=0)] = DAY
+    # Reverse proxies (CIDRs) whose X-Forwarded-For / X-Forwarded-Proto (or Forwarded,
+    # with proxy_headers = "forwarded") name the client; nobody else's are believed.
+    trusted_proxies: list[str] = []
+    proxy_headers: Literal["x-forwarded", "forwarded"] = "x-forwarded"
+    # Failed authentications: per client address (IPv6: per /64) and in total, per minute.
+    auth_failures_per_address: PositiveInt = 20
+    auth_failures_total: PositiveInt = 100
+    # Bearer token Prometheus may scrape /metrics with (the Basic credentials work too).
+    metrics_token: str | None = None
 
 
 class WorkerConfig(Base, frozen=True):
@@ -205,6 +222,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "EXAMHOOK_REDIS_PREFIX": ("redis", "prefix"),
     "EXAMHOOK_BASIC_AUTH_USER": ("receiver", "basic_auth_user"),
     "EXAMHOOK_BASIC_AUTH_PASSWORD": ("receiver", "basic_auth_password"),
+    "EXAMHOOK_METRICS_TOKEN": ("receiver", "metrics_token"),
     "EXAMHOOK_LOG_LEVEL": ("", "log_level"),
     "EXAMHOOK_ADMIN_TOKEN": ("", "admin_token"),
 }
@@ -324,6 +342,7 @@ def _check(settings: Settings, where: str) -> None:
         settings.receiver.basic_auth_user or settings.receiver.basic_auth_password
     ):
         raise ConfigError(f"{where}receiver.basic_auth_user/basic_auth_password: set both or neither")
+    _check_receiver(settings.receiver, where)
     if settings.worker.job_timeout_seconds is not None and settings.integrations:
         slowest = max(i.timeout_seconds for i in settings.integrations)
         if job_deadline_seconds(settings.worker.job_timeout_seconds) <= slowest:
@@ -334,6 +353,25 @@ def _check(settings: Settings, where: str) -> None:
     retention = settings.retention
     if retention.failure_seconds < retention.payload_seconds:
         raise ConfigError(f"{where}retention.failure_seconds: must be at least retention.payload_seconds")
+
+
+def _check_receiver(receiver: ReceiverConfig, where: str) -> None:
+    import ipaddress
+
+    for index, value in enumerate(receiver.trusted_proxies):
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{where}receiver.trusted_proxies[{index}]: {value!r} is not an IP address or CIDR network"
+            ) from None
+    if receiver.max_inflight_bytes < receiver.max_body_bytes:
+        raise ConfigError(
+            f"{where}receiver.max_inflight_bytes: must be at least receiver.max_body_bytes"
+            f" ({receiver.max_inflight_bytes} < {receiver.max_body_bytes})"
+        )
+    if receiver.metrics_token is not None and len(receiver.metrics_token) < 16:
+        raise ConfigError(f"{where}receiver.metrics_token: too short (at least 16 characters)")
 
 
 def job_deadline_seconds(job_timeout: float) -> float:
@@ -371,7 +409,7 @@ def _substitute(value: Any, env: Mapping[str, str], key: str) -> Any:
     return value
 
 
-SECRET_KEYS = {"basic_auth_password", "signing_secret", "password", "admin_token"}
+SECRET_KEYS = {"basic_auth_password", "signing_secret", "password", "admin_token", "metrics_token"}
 
 
 def masked(settings: Settings) -> dict[str, Any]:

@@ -692,12 +692,12 @@ async def test_distinct_identities_never_collide(
     redis: Redis,
     prefix: str,  # type: ignore[type-arg]
 ) -> None:
-    """Two events with different (attempt.id, releasedAt) are two events, whatever
-    characters the ids contain: both get 202 and are queued."""
-    first = replaced(SAMPLE_DATA, ("attempt", "id"), "att_1\x1f2026-11-23T09:00:00.000Z")
-    first = replaced(first, ("attempt", "audit", "releasedAt"), "2026-11-24T09:00:00.000Z")
-    second = replaced(SAMPLE_DATA, ("attempt", "id"), "att_1")
-    both = "2026-11-23T09:00:00.000Z\x1f2026-11-24T09:00:00.000Z"
-    second = replaced(second, ("attempt", "audit", "releasedAt"), both)
+    """Two events with different (meta.eventName, attempt.id) are two events, whatever
+    characters the ids contain: both get 202 and are queued. (releasedAt must be a
+    timestamp, so the separator-laden values go in the two ids.)"""
+    name = SAMPLE_DATA["meta"]["eventName"]
+    first = replaced(SAMPLE_DATA, ("meta", "eventName"), name + "\x1fatt_1")
+    first = replaced(first, ("attempt", "id"), "att_2")
+    second = replaced(SAMPLE_DATA, ("attempt", "id"), "att_1\x1fatt_2")
     assert (await check(client, redis, prefix, json.dumps(first).encode()))[0] == 202
     assert (await check(client, redis, prefix, json.dumps(second).encode()))[0] == 202

@@ -268,11 +268,12 @@ async def test_quarantine_is_bounded(
 
 
 async def test_health_ready_metrics(client: Any, sample_body: bytes) -> None:
-    """/healthz and /readyz answer 200 with Redis up; /metrics is Prometheus text with request counts."""
+    """/healthz and /readyz answer 200 with Redis up; /metrics (with the receiver's
+    credentials) is Prometheus text with request counts."""
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/readyz")).status == 200
     await client.post(WEBHOOK_PATH, data=sample_body, headers=JSON)
-    response = await client.get("/metrics")
+    response = await client.get("/metrics", headers=AUTH)
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     text = await response.text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import hmac
 import inspect
 import json
@@ -56,10 +57,12 @@ def basic(user: str, password: str) -> dict[str, str]:
 # -- constant-time comparison and the failed-authentication table -----------------------
 
 
-def test_check_compares_with_hmac_compare_digest(monkeypatch: pytest.MonkeyPatch) -> None:
-    """BasicAuth.check compares the decoded ``user:password`` with hmac.compare_digest
-    (constant time), for a wrong password of the same length as the right one too; the
-    source has no ``==`` on the credentials."""
+def test_check_compares_digests_with_hmac_compare_digest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BasicAuth.check hashes the decoded ``user:password`` and compares SHA-256 digests
+    with hmac.compare_digest (constant time): both sides are always 32 bytes, so neither
+    the content nor the length of the configured credentials shows in the timing — for a
+    wrong password of the same length, a shorter or a much longer one alike. The source has
+    no ``==`` on the credentials."""
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
 
@@ -69,14 +72,17 @@ def test_check_compares_with_hmac_compare_digest(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(ingest.auth.hmac, "compare_digest", spy)
     auth = BasicAuth("synap", "s3cret")
-    header = basic("synap", "s3creT")["Authorization"]  # same length, last byte differs
-    assert auth.check(header) is False
-    assert calls == [(b"synap:s3creT", b"synap:s3cret")]
+    expected = hashlib.sha256(b"synap:s3cret").digest()
+    for given in (b"synap:s3creT", b"s", b"synap:" + b"x" * 5000):
+        header = "Basic " + base64.b64encode(given).decode()
+        assert auth.check(header) is False
+        assert calls[-1] == (hashlib.sha256(given).digest(), expected)
     assert auth.check(basic("synap", "s3cret")["Authorization"]) is True
-    assert len(calls) == 2
+    assert len(calls) == 4
+    assert all(len(a) == len(b) == 32 for a, b in calls)
     source = inspect.getsource(BasicAuth.check)
     assert "hmac.compare_digest(" in source
-    assert "== self._expected" not in source and "self._expected ==" not in source
+    assert "==" not in source.replace('"', "")
 
 
 @pytest.mark.parametrize(
@@ -117,8 +123,8 @@ def test_failed_authentication_table_is_bounded() -> None:
     auth = BasicAuth("synap", "s3cret", max_clients=100)
     for i in range(10_000):
         auth.failed(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
-        assert len(auth._failures) <= 100
-    assert len(auth._failures) == 100
+        assert len(auth.limiter._failures) <= 100
+    assert len(auth.limiter._failures) == 100
 
 
 def test_rate_limit_applies_after_max_failures_and_expires(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,6 +140,28 @@ def test_rate_limit_applies_after_max_failures_and_expires(monkeypatch: pytest.M
     assert not auth.limited("5.6.7.8")
     now[0] += 61
     assert not auth.limited("1.2.3.4")
+
+
+def test_total_failures_lock_out_each_further_failing_address_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past total_failures in a window, any address that fails is limited at its first
+    failure; addresses that do not fail are never limited by the total; the next window
+    starts afresh."""
+    now = [1000.0]
+    monkeypatch.setattr(ingest.auth.time, "monotonic", lambda: now[0])
+    auth = BasicAuth("synap", "s3cret", max_failures=20, total_failures=10, window_seconds=60)
+    for i in range(10):
+        auth.failed(f"10.0.0.{i}")
+    assert not any(auth.limited(f"10.0.0.{i}") for i in range(10))
+    assert auth.limiter.under_pressure
+    auth.failed("10.0.1.1")
+    assert auth.limited("10.0.1.1")
+    assert not auth.limited("10.0.1.2")  # Synap, say: it never failed
+    now[0] += 61
+    assert not auth.limiter.under_pressure
+    auth.failed("10.0.1.3")
+    assert not auth.limited("10.0.1.3")
 
 
 async def test_endpoint_answers_429_after_too_many_failures(aiohttp_client: Any, make_settings: Any) -> None:

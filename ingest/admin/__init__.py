@@ -9,7 +9,7 @@ from ingest.admin import views
 from ingest.admin.redact import Redactor, secrets_of
 from ingest.admin.security import AdminAuth
 from ingest.appkeys import SETTINGS
-from ingest.auth import BasicAuth
+from ingest.auth import FailureLimiter
 
 __all__ = ["setup_admin"]
 
@@ -23,8 +23,8 @@ def setup_admin(app: web.Application) -> None:
     app[views.ADMIN] = views.Admin(
         auth=AdminAuth(settings.admin_token),
         jinja=views.make_environment(Redactor(secrets_of(settings))),
-        # only its failure limiter is used: 10 wrong tokens a minute per client address
-        limiter=BasicAuth(None, None, max_failures=10, window_seconds=60.0),
+        # 10 wrong tokens a minute per client address, 50 in all (see ingest.auth)
+        limiter=FailureLimiter(per_address=10, total=50, window_seconds=60.0),
     )
     r = app.router
     r.add_get("/admin", views.dashboard)

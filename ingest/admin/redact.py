@@ -23,6 +23,7 @@ def _url_password(url: str) -> str | None:
 def secrets_of(settings: Settings) -> list[str]:
     found: list[str | None] = [
         settings.receiver.basic_auth_password,
+        settings.receiver.metrics_token,
         settings.admin_token,
         _url_password(settings.redis.url),
     ]

@@ -26,8 +26,8 @@ from ingest.admin.security import (
     SESSION_SECONDS,
     AdminAuth,
 )
-from ingest.appkeys import SETTINGS, STORE
-from ingest.auth import BasicAuth
+from ingest.appkeys import PROXY, SETTINGS, STORE
+from ingest.auth import FailureLimiter
 from shared.inspection import Inspector, iso
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -36,6 +36,8 @@ MAX_ROWS = 500
 EVENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 INTEGRATION = re.compile(r"^[a-z0-9-]{1,64}$")
 REJECT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# the login form's nonce cookie, as secrets.token_urlsafe(18) writes it
+LOGIN_NONCE = re.compile(r"^[A-Za-z0-9_-]{24}$")
 
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
@@ -58,7 +60,7 @@ class Admin:
     auth: AdminAuth
     jinja: jinja2.Environment
     # failed token presentations per client address (login form and Bearer header)
-    limiter: BasicAuth
+    limiter: FailureLimiter
 
 
 ADMIN = web.AppKey("examhook_admin", Admin)
@@ -120,7 +122,8 @@ def _set_cookie(
         path="/admin",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        # behind a TLS-terminating proxy: its X-Forwarded-Proto, when it is trusted
+        secure=request.app[PROXY].scheme(request) == "https",
     )
 
 
@@ -143,6 +146,19 @@ def render(request: web.Request, template: str, status: int = 200, **context: An
     if raw_flash:
         response.del_cookie(FLASH_COOKIE, path="/admin")
     return response
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[Any] | None:
+    """The POSTed form, or None when it cannot be parsed (not UTF-8, malformed multipart):
+    a client's mistake, answered with 400 by the caller."""
+    try:
+        return await request.post()
+    except (ValueError, LookupError, AssertionError):  # UnicodeDecodeError is a ValueError
+        return None
+
+
+def bad_form() -> web.Response:
+    return _text(400, "the form could not be read")
 
 
 def redirect_back(request: web.Request, form: Mapping[str, Any], message: str) -> web.Response:
@@ -183,7 +199,7 @@ def protected(handler: Handler) -> Handler:
 
 async def _guarded(handler: Handler, request: web.Request) -> web.StreamResponse:
     admin = request.app[ADMIN]
-    client = request.remote or "-"
+    client = request.app[PROXY].client(request)
     if admin.limiter.limited(client):
         return _text(429, "too many failed attempts; try again in a minute", **{"Retry-After": "60"})
     session, presented = _session(request)
@@ -194,7 +210,9 @@ async def _guarded(handler: Handler, request: web.Request) -> web.StreamResponse
             return _redirect("/admin/login?" + urlencode({"next": request.path_qs}))
         return _text(401, "admin token required", **{"WWW-Authenticate": 'Bearer realm="examhook-admin"'})
     if request.method == "POST":
-        form = await request.post()
+        form = await read_form(request)
+        if form is None:
+            return bad_form()
         given = form.get("csrf")
         if not isinstance(given, str) or not admin.auth.check_csrf(session, given):
             return _text(403, "missing or wrong CSRF token; reload the page and try again")
@@ -205,23 +223,29 @@ async def login_page(request: web.Request) -> web.StreamResponse:
     """GET /admin/login — the form; POST — check the token, set the session cookie."""
     admin = request.app[ADMIN]
     auth = admin.auth
-    client = request.remote or "-"
+    client = request.app[PROXY].client(request)
     next_url = _safe_back(request.query.get("next"))
     cookie = request.cookies.get(SESSION_COOKIE)
     if request.method == "GET" and cookie and auth.check_session(cookie):
         return _secure(_redirect(next_url))
-    nonce = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(18)
+    if admin.limiter.limited(client):
+        return _secure(_text(429, "too many failed attempts; try again in a minute", **{"Retry-After": "60"}))
+    nonce = request.cookies.get(LOGIN_COOKIE)
+    tampered = nonce is not None and not LOGIN_NONCE.fullmatch(nonce)
+    if nonce is None or tampered:
+        nonce = secrets.token_urlsafe(18)
+    if tampered:  # the server never sets such a value: count it like a wrong token
+        admin.limiter.failed(client)
     error = None
     status = 200
     if request.method == "POST":
-        if admin.limiter.limited(client):
-            return _secure(
-                _text(429, "too many failed attempts; try again in a minute", **{"Retry-After": "60"})
-            )
-        form = await request.post()
+        form = await read_form(request)
+        if form is None:
+            admin.limiter.failed(client)
+            return _secure(bad_form())
         next_url = _safe_back(form.get("next"))
         given_csrf, token = form.get("csrf"), form.get("token")
-        if not isinstance(given_csrf, str) or not auth.check_csrf("login:" + nonce, given_csrf):
+        if tampered or not isinstance(given_csrf, str) or not auth.check_csrf("login:" + nonce, given_csrf):
             error, status = "The form expired; please try again.", 403
         elif not isinstance(token, str) or not auth.check_token(token):
             admin.limiter.failed(client)
@@ -333,7 +357,9 @@ async def _pairs_from(form: MultiDictProxy[Any], inspector: Inspector) -> list[t
 
 @protected
 async def failures_retry(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await read_form(request)
+    if form is None:
+        return bad_form()
     inspector = _inspector(request)
     pairs = await _pairs_from(form, inspector)
     if isinstance(pairs, str):
@@ -347,7 +373,9 @@ async def failures_retry(request: web.Request) -> web.StreamResponse:
 
 @protected
 async def failures_purge(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await read_form(request)
+    if form is None:
+        return bad_form()
     inspector = _inspector(request)
     pairs = await _pairs_from(form, inspector)
     if isinstance(pairs, str):
@@ -383,7 +411,9 @@ async def rejected_one(request: web.Request) -> web.StreamResponse:
 
 @protected
 async def rejected_purge(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await read_form(request)
+    if form is None:
+        return bad_form()
     inspector = _inspector(request)
     if form.get("all") == "1":
         removed = await inspector.purge_rejected()
