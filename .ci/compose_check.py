@@ -5,7 +5,8 @@ Compose through the command given after `--` (docker-compose v1 or `docker compo
     python3 .ci/compose_check.py --project P --env-file F --records DIR -- COMPOSE...
 
 Phases, each against the real compose.yaml (+ deploy/compose/ci.override.yaml):
-  up        `up -d --scale worker=3`, time until every container is healthy
+  up        `up -d --scale worker=3`, time until every container is healthy; the documented
+            `run --rm --no-deps worker check-config` and `exec receiver examhook queue`
   burst     1,000 events through the published port: each delivered exactly once
   faults    1,000 more while one worker is `docker kill`ed, another worker's process is
             SIGKILLed (a crash: the restart policy brings it back) and Redis is
@@ -101,8 +102,8 @@ class Deployment:
     env: dict[str, str]
     records: Path
 
-    def dc(self, *args: str, timeout: float = 300) -> None:
-        run([*self.compose, *args], timeout=timeout)
+    def dc(self, *args: str, timeout: float = 300) -> str:
+        return run([*self.compose, *args], timeout=timeout).stdout
 
     def up(self, workers: int) -> float:
         started = time.monotonic()
@@ -363,6 +364,13 @@ class Stage:
         self.figure(
             f"up --scale worker=3: 6 containers healthy {time.monotonic() - started:.1f} s after `up`"
         )
+        # The commands docs/deployment.md gives (-T: no terminal here).
+        out = self.dep.dc("run", "--rm", "--no-deps", "worker", "check-config")
+        if "configuration OK" not in out or any(self.dep.env[name] in out for name in SECRET_VARS):
+            raise CheckFailed(f"`run --rm --no-deps worker check-config`: not OK, or a secret shown:\n{out}")
+        out = self.dep.dc("exec", "-T", "receiver", "examhook", "queue")
+        if not out.startswith("queued"):
+            raise CheckFailed(f"`exec receiver examhook queue` printed:\n{out}")
 
     def phase_burst(self) -> None:
         batch = self.sender.events("burst", 1000)
