@@ -76,7 +76,9 @@ def log(message: str) -> None:
 
 
 def run(args: list[str], *, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    result = subprocess.run(
+        args, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False
+    )
     if check and result.returncode != 0:
         raise CheckFailed(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}{result.stderr}")
     return result
