@@ -266,15 +266,25 @@ class Sender:
         return [Sent(f"att_ci{self.run_id}_{phase}_{i:05d}") for i in range(count)]
 
     def send(
-        self, batch: list[Sent], during: Callable[[int], None] | None = None
+        self,
+        batch: list[Sent],
+        during: Callable[[int], None] | None = None,
+        per_second: float | None = None,
     ) -> tuple[list[Sent], float]:
-        """Post every event of ``batch`` at ``concurrency``; ``during(accepted)`` is called in
-        the meantime (fault injection). Fails unless every event ends with a 2xx."""
+        """Post every event of ``batch`` at ``concurrency`` (the i-th not before i/per_second
+        when that is given); ``during(accepted)`` is called in the meantime (fault
+        injection). Fails unless every event ends with a 2xx."""
         with self.lock:
             self.accepted = 0
         started = time.monotonic()
+
+        def paced(i: int, sent: Sent) -> Sent:
+            if per_second:
+                time.sleep(max(0.0, started + i / per_second - time.monotonic()))
+            return self.send_one(sent)
+
         with ThreadPoolExecutor(self.concurrency) as pool:
-            futures = [pool.submit(self.send_one, s) for s in batch]
+            futures = [pool.submit(paced, i, s) for i, s in enumerate(batch)]
             while not all(f.done() for f in futures):
                 if during is not None:
                     during(self.accepted)
@@ -422,7 +432,8 @@ class Stage:
 
         batch = self.sender.events("faults", 1000)
         answers_before = collections.Counter(self.sender.answers)
-        sent, elapsed = self.sender.send(batch, during)
+        # Paced (8 s), so every fault lands mid-burst however fast the receiver answers.
+        sent, elapsed = self.sender.send(batch, during, per_second=125)
         last_post = time.monotonic()
         answers = self.sender.answers - answers_before
         if "redis_up" not in timeline:
@@ -469,7 +480,7 @@ class Stage:
         self.delivered += len(grouped)
         non_2xx = {k: v for k, v in answers.items() if k not in ("200", "202")}
         self.figure(
-            f"faults: 1000 posted in {elapsed:.1f} s (retried answers during the Redis restart: "
+            f"faults: 1000 posted in {elapsed:.1f} s, paced (retried answers during the Redis restart: "
             f"{dict(non_2xx) or 'none'}; {sum(1 for s in sent if s.status == 200)} x 200 duplicate); "
             f"redis restart took {timeline['redis_up'] - timeline['redis_down']:.1f} s"
         )
