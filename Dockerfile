@@ -1,10 +1,10 @@
-# syntax=docker/dockerfile:1
-#
 # examhook image: one image for both processes.
 #   docker run ... examhook:latest                 -> examhook receive (default CMD)
 #   docker run ... examhook:latest worker          -> examhook worker
 # Configuration comes at run time only (environment + a mounted TOML file, see
 # compose.yaml and docs/deployment.md); nothing secret is built into the image.
+# No `# syntax=` line: BuildKit would fetch that frontend image from a registry, and the
+# build must work where the only images are local ones (docs/deployment.md, air-gapped).
 
 ARG PYTHON_IMAGE=python:3.11-slim
 

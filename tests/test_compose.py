@@ -374,6 +374,17 @@ def test_dockerfile_runs_examhook_receive_as_non_root() -> None:
     assert any(kw == "EXPOSE" and "8080" in rest.split() for kw, rest in final)
 
 
+def test_dockerfile_builds_without_a_registry_beyond_its_base_image() -> None:
+    """No `# syntax=` parser directive: BuildKit (`docker compose build`, `docker build` on
+    Docker 23+) would fetch that frontend image from Docker Hub before building, so an
+    air-gapped host with a local python:3.11-slim could not build. The legacy builder
+    ignores it, which is how it went unnoticed."""
+    for line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break  # parser directives come before the first instruction
+        assert not re.match(r"#\s*syntax\s*=", line, re.IGNORECASE), line
+
+
 def test_dockerfile_healthcheck_uses_python_urllib_on_healthz() -> None:
     """The image's HEALTHCHECK asks the receiver's /healthz on 8080 with stdlib urllib
     (python:3.11-slim has no curl or wget)."""
