@@ -7,6 +7,7 @@ never log bodies or secrets.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -65,6 +66,21 @@ def configure_logging(level: str, *, json: bool | None = None) -> None:
     # arq logs every job at info; ours say more, without payload arguments.
     logging.getLogger("arq").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+_ADDRESS_IN_TEXT_RE = re.compile(r"[^\s<>()\[\]\"',;:@]+@[A-Za-z0-9.-]+")
+MAX_ERROR_TEXT = 200
+
+
+def scrub(text: str, *, personal: tuple[str, ...] = (), limit: int = MAX_ERROR_TEXT) -> str:
+    """Text from elsewhere (a destination's error answer, a server's reply) made fit for logs
+    and delivery records: on one line, at most ``limit`` characters, every email address
+    masked, and each of ``personal`` (the learner's name, say) replaced by ``***``."""
+    text = " ".join(text.split())
+    for value in sorted({v for v in personal if len(v) >= 3}, key=len, reverse=True):
+        text = re.sub(re.escape(value), "***", text, flags=re.IGNORECASE)
+    text = _ADDRESS_IN_TEXT_RE.sub(lambda m: mask_email(m.group(0)), text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def mask_email(address: str) -> str:

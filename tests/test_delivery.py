@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from redis.asyncio import Redis
 
 from ingest.app import WEBHOOK_PATH, create_app
@@ -564,3 +565,36 @@ async def test_receiver_and_worker_over_a_unix_socket(
     finally:
         await check.aclose()
         server.stop()
+
+
+async def test_a_destinations_error_text_never_carries_the_learner_into_logs_or_records(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    sample_body: bytes,
+    redis: Redis,
+    prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An LMS that answers 404 quoting the learner ("no LMS user with email ... (Ada
+    Lovelace)"): the failure record and every log line keep the error's gist, with the
+    learner's address and name masked."""
+    event = decoder.decode(sample_body)
+    answer = f"no LMS user with email {event.user.email} ({event.user.name})"
+
+    async def lms(request: web.Request) -> web.Response:
+        return web.Response(status=404, text=answer)
+
+    app = web.Application()
+    app.router.add_post("/hook", lms)
+    server = await aiohttp_client(app)
+    settings = make_settings([http_integration(str(server.make_url("/hook")))])
+    client = await aiohttp_client(create_app(settings))
+    await post_event(client, sample_body)
+    await start_worker(settings)
+    inspector = Inspector(Store(redis, Keys(prefix), settings.retention))
+    [row] = await eventually(inspector.failures)
+    assert "no LMS user with email" in row.last_error
+    logged = " ".join(r.getMessage() + str(r.__dict__) for r in caplog.records)
+    for text in (row.last_error, logged):
+        assert event.user.email not in text and event.user.name not in text

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from shared.contract import DELIVER, MAX_EVENTS_PER_JOB, Keys, encode_job, pair_member, released_ms
+from shared.logs import scrub
 from shared.payload import ExamResultsReleased, decoder
 from shared.settings import Settings, When, job_deadline_seconds
 from shared.store import AttemptRecord, Claim, OutcomeRecord, Store, new_token, now_ms
@@ -400,6 +402,11 @@ class Deliverer:
         if not claim.handed_over or config.unknown_outcome_policy == "retry":
             self.lanes[name].observe(duration)
         decision = decide(result, attempt=number, config=config)
+        if decision.error:
+            # a destination's answer may quote the learner: never into logs or records as is
+            user = event.user
+            error = scrub(decision.error, personal=(user.name, user.email))
+            decision = dataclasses.replace(decision, error=error)
         await self._record(event_id, name, token, number, started_at, duration, decision, mode)
         self._count(event_id, name, number, duration, decision, claim)
         if decision.outcome == "retry" and mode == "retry":
@@ -469,7 +476,7 @@ class Deliverer:
         if decision.unknown:
             extra["outcome_unknown"] = True
         if decision.error and decision.outcome != "delivered":
-            extra["error"] = _short(decision.error)
+            extra["error"] = decision.error
         log.log(level, "delivery %s", decision.outcome, extra=extra)
 
     # -- pairs not sent ----------------------------------------------------------------------
@@ -506,8 +513,3 @@ class Deliverer:
         outcome = OutcomeRecord(event_id, name, token or new_token(), record)
         await asyncio.shield(self.journal.write(outcome))
         self.metrics.deliveries.labels(name, "failed").inc()
-
-
-def _short(error: str) -> str:
-    # error text may quote a destination's answer; keep log lines short
-    return error if len(error) <= 120 else error[:117] + "..."

@@ -32,7 +32,7 @@ import msgspec
 from aiosmtplib.email import flatten_message
 
 from shared.contract import event_id as compute_event_id
-from shared.logs import mask_email
+from shared.logs import mask_email, scrub
 from shared.payload import ExamResultsReleased, decoder
 from shared.settings import EmailIntegration
 from worker.integrations.base import (
@@ -50,7 +50,6 @@ DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 DEFAULT_TEMPLATES = {"subject": "email_subject.txt", "text": "email_text.txt", "html": "email_html.html"}
 PARTS = ("subject", "text", "html")
 DEFAULT_PORTS = {"starttls": 587, "implicit": 465, "none": 587}
-MAX_ERROR_TEXT = 200
 
 # One DNS label: letters/digits/hyphens, not starting or ending with a hyphen.
 _LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
@@ -336,17 +335,15 @@ def check_templates(config: EmailIntegration) -> list[str]:
 # --------------------------------------------------------------------------- sending
 
 
-_ADDRESS_IN_TEXT_RE = re.compile(r"[^\s<>()\[\]\"',;:@]+@[A-Za-z0-9.-]+")
 # what aiosmtplib does to a message before DATA: CRLF line endings, a leading "." doubled
 _LINE_ENDINGS_RE = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
 _LEADING_PERIOD_RE = re.compile(rb"(?m)^\.")
 
 
 def _scrub(text: str) -> str:
-    """A server's reply or error text, on one line, short, with email addresses masked
-    (replies often quote the recipient; they end up in logs and failure records)."""
-    text = _ADDRESS_IN_TEXT_RE.sub(lambda m: mask_email(m.group(0)), " ".join(text.split()))
-    return text[:MAX_ERROR_TEXT]
+    """A server's reply or error text (replies often quote the recipient; they end up in logs
+    and failure records): one line, short, addresses masked."""
+    return scrub(text)
 
 
 def _smtp_error(exc: aiosmtplib.SMTPResponseException, stage: str) -> NoReturn:
