@@ -74,6 +74,10 @@ def receive(
         )
     host = host or settings.receiver.host
     port = settings.receiver.port if port is None else port
+    if not reuse_port:  # the parent checks once for all its children
+        problems = asyncio.run(_permission_problems(settings))
+        if problems:
+            fail("Redis: " + "; ".join(problems))
     if processes > 1:
         sys.exit(_run_processes(processes, host, port, no_auth, config_path))
     configure_logging(settings.log_level)
@@ -257,6 +261,26 @@ def check_config(check_redis: bool, as_json: bool, config_path: str | None) -> N
         return
     click.echo(f"configuration OK ({settings.source or 'no file; defaults and environment'})")
     _print_tree(data)
+
+
+async def _permission_problems(settings: Settings) -> list[str]:
+    """Permissions the Redis user lacks, when Redis can tell now; nothing when it is away or
+    refusing writes (a receiver starts anyway: /readyz says 503 until Redis is back)."""
+    from redis.exceptions import RedisError
+
+    from shared.contract import Keys
+    from shared.redis_check import advice, missing_permissions
+    from shared.redis_conn import redis_client
+
+    keys = Keys(settings.redis.prefix)
+    redis = redis_client(settings)
+    try:
+        problems = await missing_permissions(redis, keys)
+    except (RedisError, OSError):
+        return []
+    finally:
+        await redis.aclose()
+    return [f"{p} ({advice(keys)})" for p in problems]
 
 
 async def _redis_problems(settings: Settings) -> list[str]:

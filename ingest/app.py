@@ -51,6 +51,7 @@ def create_app(settings: Settings, *, require_auth: bool = True) -> web.Applicat
     app[OUTAGE] = OutageLog(handlers.log)
     app[METRICS] = ReceiverMetrics()
     app.cleanup_ctx.append(_redis_ctx)
+    app.on_shutdown.append(_stopping)
     app.router.add_post(WEBHOOK_PATH, handlers.receive_exam_results)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
@@ -71,5 +72,14 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     # every request already waiting on Redis gets its answer before the client closes
+    waiting = app[QUEUE].waiting
     await app[QUEUE].drain()
     await redis.aclose()
+    handlers.log.info("receiver stopped", extra={"drained_events": waiting})
+
+
+async def _stopping(app: web.Application) -> None:
+    handlers.log.info(
+        "receiver stopping: no new connections; requests in flight get their answers",
+        extra={"body_bytes_in_flight": app[INFLIGHT].used},
+    )

@@ -41,6 +41,11 @@ class GroupCommit:
             self._flusher = asyncio.create_task(self._flush())
         return future
 
+    @property
+    def waiting(self) -> int:
+        """Events submitted and not yet answered (not counting a batch already sent)."""
+        return len(self._pending)
+
     async def drain(self) -> None:
         """Wait until every submitted event has its answer (for shutdown)."""
         while self._flusher is not None:

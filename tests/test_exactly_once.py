@@ -108,8 +108,8 @@ async def test_a_redis_user_without_arqs_keys_stops_the_worker_and_fails_check_c
     private_valkey: str, tmp_path: Path
 ) -> None:
     """A worker whose Redis user lacks a permission examhook needs does not start (exit 2,
-    one line naming what is missing and the ACL to grant, no traceback, no password), and
-    `check-config --redis` says the same."""
+    one line naming what is missing and the ACL to grant, no traceback, no password), nor
+    does a receiver, and `check-config --redis` says the same."""
     admin = Redis.from_url(private_valkey)
     await admin.acl_setuser(
         "examhook", enabled=True, passwords=["+s3cret-pw"], keys=["acl:*"], categories=["+@all"]
@@ -128,6 +128,9 @@ async def test_a_redis_user_without_arqs_keys_stops_the_worker_and_fails_check_c
     code, err = await _run_cli("check-config", "--redis", config=config)
     assert code == 2, err
     assert "~arq:*" in err and "s3cret-pw" not in err
+    code, err = await _run_cli("receive", "--no-auth", config=config)
+    assert code == 2, err
+    assert "~arq:*" in err and "s3cret-pw" not in err and "Traceback" not in err
 
 
 # -- email under a slow server ------------------------------------------------------------

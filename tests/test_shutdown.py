@@ -212,3 +212,42 @@ async def test_stopping_worker_starts_no_delivery_the_grace_period_would_cut(
     finally:
         again.send_signal(signal.SIGTERM)
         await wait_exit(again, 20)
+
+
+async def test_a_stop_is_logged_when_it_begins_and_when_it_ends(
+    tmp_path: Path, redis_url: str, prefix: str, destination: Destination, unused_tcp_port_factory: Any
+) -> None:
+    """A receiver and a worker each log one line when a stop begins (SIGTERM) and one when it
+    ends, the worker's saying what it finished, requeued or cut, the receiver's what it drained."""
+    import json
+
+    config = write_config(tmp_path / "c.toml", redis_url, prefix, destination, grace=3)
+    env = {**os.environ, "EXAMHOOK_CONFIG": str(config), "EXAMHOOK_LOG_LEVEL": "info"}
+    for name in ("EXAMHOOK_REDIS_URL", "EXAMHOOK_BASIC_AUTH_USER", "EXAMHOOK_BASIC_AUTH_PASSWORD"):
+        env.pop(name, None)
+    port = str(unused_tcp_port_factory())
+    processes = {
+        "worker": ["worker"],
+        "receiver": ["receive", "--host", "127.0.0.1", "--port", port],
+    }
+    logs: dict[str, list[dict[str, Any]]] = {}
+    for name, args in processes.items():
+        log_path = tmp_path / f"{name}.log"
+        with log_path.open("wb") as out:
+            process = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, stderr=out)
+
+        async def started(path: Path = log_path) -> bool:
+            return b"ready" in path.read_bytes() or b"listening" in path.read_bytes()
+
+        await eventually(started, timeout=30, interval=0.05)
+        process.send_signal(signal.SIGTERM)
+        assert await wait_exit(process, 30) == 0
+        logs[name] = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    worker = [r["msg"] for r in logs["worker"]]
+    assert any(m.startswith("worker stopping") for m in worker), worker
+    [stopped] = [r for r in logs["worker"] if r["msg"] == "worker stopped"]
+    assert {"jobs_finished", "jobs_requeued", "sends_cut", "outcomes_unwritten"} <= set(stopped)
+    receiver = [r["msg"] for r in logs["receiver"]]
+    assert any(m.startswith("receiver stopping") for m in receiver), receiver
+    [stopped] = [r for r in logs["receiver"] if r["msg"] == "receiver stopped"]
+    assert "drained_events" in stopped

@@ -105,6 +105,9 @@ class Deliverer:
         }
         self._stop_starting_at: float | None = None  # loop time: shutdown grace ends
         self._in_flight: set[asyncio.Future[Outcome]] = set()  # attempts sending now
+        # what a shutdown had to cut (for its log line)
+        self.sends_cut = 0
+        self.outcomes_unwritten = 0
 
     def stop_starting(self, grace_seconds: float) -> None:
         """Shutdown began: running attempts get ``grace_seconds``; no attempt that could not
@@ -141,7 +144,8 @@ class Deliverer:
             for task in cut:
                 task.cancel()
             await asyncio.gather(*cut, return_exceptions=True)
-        await self.journal.close(within)
+            self.sends_cut += len(cut)
+        self.outcomes_unwritten += len(await self.journal.close(within))
 
     # -- the handle_events job -----------------------------------------------------------
 

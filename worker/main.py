@@ -216,7 +216,19 @@ class ExamhookWorker(Worker):
         deliverer: Deliverer | None = self.ctx.get("deliverer")
         if deliverer is not None:
             deliverer.stop_starting(self._job_completion_wait)
+        if self._stop_began is None:
+            self._stop_began = (self.jobs_complete, self.jobs_retried)
+            log.info(
+                "worker stopping: taking no new jobs; running ones get the grace period",
+                extra={
+                    "signal": Signals(signum).name,
+                    "jobs_running": sum(not t.done() for t in self.tasks.values()),
+                    "grace_seconds": self._job_completion_wait,
+                },
+            )
         super().handle_sig_wait_for_completion(signum)
+
+    _stop_began: tuple[int, int] | None = None
 
     async def close(self) -> None:
         """arq's ``close``, made safe for a shutdown during a Redis outage.
@@ -258,6 +270,19 @@ class ExamhookWorker(Worker):
             log.warning("could not close the Redis connections cleanly", extra={"error": _describe(exc)})
         finally:
             self._pool = None
+        deliverer: Deliverer | None = self.ctx.get("deliverer")
+        if deliverer is None:
+            return  # it never started (e.g. refused by Redis): there was nothing to stop
+        complete, retried = self._stop_began or (self.jobs_complete, self.jobs_retried)
+        log.info(
+            "worker stopped",
+            extra={
+                "jobs_finished": self.jobs_complete - complete,
+                "jobs_requeued": self.jobs_retried - retried,
+                "sends_cut": deliverer.sends_cut,
+                "outcomes_unwritten": deliverer.outcomes_unwritten,
+            },
+        )
 
     async def record_health(self) -> None:
         """arq's health record, and this worker's entry in ``P:workers`` (``worker --check``
