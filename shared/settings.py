@@ -322,15 +322,20 @@ def _check(settings: Settings, where: str) -> None:
             secret = integration.signing_secret
             if secret is not None and not _valid_whsec(secret):
                 raise ConfigError(f"{where}{key}.signing_secret: must be whsec_ followed by base64")
-        if isinstance(integration, PostgresIntegration) and not integration.dsn.startswith(
-            ("postgres://", "postgresql://")
-        ):
-            raise ConfigError(f"{where}{key}.dsn: must be a postgresql:// URL")
+        if isinstance(integration, PostgresIntegration):
+            if not integration.dsn.startswith(("postgres://", "postgresql://")):
+                raise ConfigError(f"{where}{key}.dsn: must be a postgresql:// URL")
+            dsn_problem = url_problem(integration.dsn)
+            if dsn_problem is not None:
+                raise ConfigError(f"{where}{key}.dsn: {dsn_problem}")
     scheme = settings.redis.url.partition("://")[0]
     if scheme not in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
         raise ConfigError(
             f"{where}redis.url: must start with redis://, rediss://, unix:// or redis+sentinel://"
         )
+    problem = url_problem(settings.redis.url)
+    if problem is not None:
+        raise ConfigError(f"{where}redis.url: {problem}")
     if scheme.endswith("+sentinel"):
         from shared.redis_conn import parse_sentinel_url
 
@@ -436,14 +441,51 @@ def _mask(value: Any, key: str = "") -> Any:
     return value
 
 
+# query parameters that carry secrets (?password=, ?access_token=, ?sslpassword=, ?api_key=...)
+_SECRET_PARAM_RE = re.compile(r"pass|secret|token|key|auth|credential|signature", re.IGNORECASE)
+
+
+def url_problem(url: str) -> str | None:
+    """Why a URL cannot be what its writer meant, without repeating any of it (it may hold a
+    password): a user or password with ``/``, ``?``, ``#`` or ``@`` not percent-encoded ends the
+    host part early, so the rest of the password lands in the path or the query (an unencoded
+    ``@`` is fine: the host is what follows the last one)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme == "unix":
+        return None
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    tail = rest[len(authority) :]
+    if "@" in tail:
+        return (
+            "the user or password contains /, ?, # or @: percent-encode them in the URL"
+            " (/ as %2F, ? as %3F, # as %23, @ as %40, : as %3A)"
+        )
+    try:
+        urlsplit(url).port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        return "the port is not a number (a password with : or another reserved character? percent-encode it)"
+    return None
+
+
 def mask_url(url: str) -> str:
-    """Hide the password in a URL such as ``redis://user:secret@host``."""
+    """The URL with its password and any secret-looking query value hidden
+    (``redis://user:***@host/0?ssl_password=***``); nothing at all when it cannot be parsed."""
+    if url_problem(url) is not None:
+        return "***"
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
+        password = parts.password
     except ValueError:
         return "***"  # unparseable: show nothing that could be a password
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+    if parts.query:
+        pairs = [pair.partition("=") for pair in parts.query.split("&")]
+        parts = parts._replace(
+            query="&".join(
+                f"{name}{eq}***" if eq and _SECRET_PARAM_RE.search(name) else f"{name}{eq}{value}"
+                for name, eq, value in pairs
+            )
+        )
+    return urlunsplit(parts)

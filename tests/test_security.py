@@ -480,6 +480,46 @@ def test_configuration_errors_do_not_echo_secrets(tmp_path: Path, broken: str) -
     assert leaked(result.output) == []
 
 
+@pytest.mark.parametrize("reserved", ["/", "#", "?"])
+@pytest.mark.parametrize("command", [["check-config"], ["worker"], ["queue"], ["receive", "--no-auth"]])
+def test_a_redis_password_with_a_reserved_character_is_a_clear_error(
+    tmp_path: Path, reserved: str, command: list[str]
+) -> None:
+    """A Redis password written into the URL with /, # or ? not percent-encoded (it cuts the
+    host part short) is a configuration error (exit 2) saying how to encode it, for every
+    command, never "configuration OK" or a traceback, and never a piece of the password."""
+    password = f"Zq8xK{reserved}w3RtY7vB"
+    url = f"redis://:{password}@127.0.0.1:6379/0"
+    env = {"EXAMHOOK_CONFIG": str(_config(tmp_path, f'[redis]\nurl = "{url}"\n')), "EXAMHOOK_REDIS_URL": ""}
+    result = CliRunner().invoke(cli, command, env=env)
+    assert result.exit_code == 2, result.output
+    assert "redis.url" in result.output and "percent-encode" in result.output
+    for piece in (password, password[:5], password[6:]):
+        assert piece not in result.output
+    assert "Traceback" not in result.output
+
+
+def test_secrets_in_url_query_strings_are_masked() -> None:
+    """check-config masks a URL's password and any secret-looking query value (access_token,
+    sslpassword, ...), keeping the other parameters."""
+    settings = settings_from_dict(
+        {
+            "redis": {"url": "rediss://r.example:6380/0?ssl_password=hunter2-redis&ssl_cert_reqs=required"},
+            "integrations": [
+                {"name": "a", "type": "http", "url": "https://lms.example/hook?access_token=hunter2-lms&x=1"},
+                {
+                    "name": "b",
+                    "type": "postgres",
+                    "dsn": "postgresql://u@h/db?sslpassword=hunter2-pg&sslmode=require",
+                },
+            ],
+        }
+    )
+    text = json.dumps(masked(settings))
+    assert "hunter2" not in text
+    assert "ssl_cert_reqs=required" in text and "x=1" in text and "sslmode=require" in text
+
+
 def test_masked_settings_hide_every_secret() -> None:
     """shared.settings.masked() replaces every secret by ``***`` and keeps the rest."""
     settings = settings_from_dict(
