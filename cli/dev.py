@@ -125,13 +125,16 @@ async def _dev(settings: Settings, *, port: int, host: str, directory: Path) -> 
 
 async def _stop_worker(worker: Any, task: asyncio.Task[None]) -> None:
     """Let running deliveries finish for a while; cancel the rest (they are requeued)."""
+    from worker.main import cancel_until_done
+
     worker.allow_pick_jobs = False
     running = [t for t in worker.tasks.values() if not t.done()]
     if running:
         await asyncio.wait(running, timeout=WORKER_STOP_SECONDS)
     for job in worker.tasks.values():
         job.cancel()
-    task.cancel()
+    # a cancellation can be lost on Python 3.11 (see worker.main.cancel_until_done)
+    await cancel_until_done(task)
     await asyncio.gather(task, *worker.tasks.values(), return_exceptions=True)
     await worker.close()
 

@@ -251,3 +251,45 @@ async def test_a_stop_is_logged_when_it_begins_and_when_it_ends(
     assert any(m.startswith("receiver stopping") for m in receiver), receiver
     [stopped] = [r for r in logs["receiver"] if r["msg"] == "receiver stopped"]
     assert "drained_events" in stopped
+
+
+async def test_a_lost_cancellation_does_not_keep_a_stopping_worker_alive(
+    make_settings: Any, destination: Destination
+) -> None:
+    """Python 3.11's asyncio.wait_for (redis-py sends every command through it) loses a
+    cancellation that lands just as the command completes; a worker whose stop-time cancel of
+    its main loop was lost that way polled on forever after SIGTERM. It is cancelled again until
+    the loop ends. (Here the worker's health record swallows the first cancellation, as that
+    wait_for does.)"""
+    from worker.main import ExamhookWorker, worker_settings
+
+    class LosesACancellation(ExamhookWorker):
+        lost = 0
+
+        async def record_health(self) -> None:
+            await super().record_health()
+            try:
+                await asyncio.sleep(0.5)  # the cancellation lands here...
+            except asyncio.CancelledError:
+                if not self.lost:
+                    self.lost += 1  # ...and is lost, once
+                    return
+                raise
+
+    settings = make_settings([{"name": "lms", "type": "http", "url": destination.url}])
+    worker = LosesACancellation(**worker_settings(settings, handle_signals=False, poll_delay=0.01))
+    running = asyncio.create_task(worker.async_run())
+    try:
+        await eventually(lambda: _started(worker), timeout=15)
+        worker.handle_sig_wait_for_completion(signal.SIGTERM)
+        await asyncio.wait({running}, timeout=10)
+        assert worker.lost == 1
+        assert running.done(), "the worker's main loop must end after SIGTERM"
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await worker.close()
+
+
+async def _started(worker: Any) -> bool:
+    return "deliverer" in worker.ctx

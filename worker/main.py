@@ -230,6 +230,14 @@ class ExamhookWorker(Worker):
 
     _stop_began: tuple[int, int] | None = None
 
+    async def _wait_for_tasks_to_complete(self, signum: Signals) -> None:
+        """arq's wait for the running jobs, then its cancel of the main loop, cancelled again
+        until the loop really ends: Python 3.11's ``asyncio.wait_for`` (redis-py sends every
+        command through it) loses a cancellation that lands just as the command completes,
+        and the worker then went on polling forever (found under load by the shutdown test)."""
+        await super()._wait_for_tasks_to_complete(signum)
+        await cancel_until_done(self.main_task)
+
     async def close(self) -> None:
         """arq's ``close``, made safe for a shutdown during a Redis outage.
 
@@ -370,6 +378,14 @@ class ExamhookWorker(Worker):
             except WatchError:
                 return None  # claimed by another worker since the check (or the connection died)
         return int(score)
+
+
+async def cancel_until_done(task: asyncio.Task[Any] | None, every: float = 0.2) -> None:
+    """Cancel ``task`` until it has ended (a cancellation can be lost on Python 3.11, see
+    :meth:`ExamhookWorker._wait_for_tasks_to_complete`)."""
+    while task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every)
 
 
 def _describe(exc: BaseException) -> str:
