@@ -76,7 +76,11 @@ def bodies(count: int) -> list[bytes]:
         template["user"]["name"] = f"Learner {i}"
         template["user"]["email"] = f"learner{i}@example.org"
         passed = rng.random() < 0.8
-        template["attempt"]["grade"] = {"label": "Pass" if passed else "Fail", "isPass": passed, "minScore": 50}
+        template["attempt"]["grade"] = {
+            "label": "Pass" if passed else "Fail",
+            "isPass": passed,
+            "minScore": 50,
+        }
         out.append(json.dumps(template, separators=(",", ":")).encode())
     return out
 
@@ -160,11 +164,15 @@ async def main() -> None:
         started = time.perf_counter()
         event_ids = await load(store, options.events)
         made = await mark(store, event_ids)
-        print(f"loaded {len(event_ids)} events of {EXAM} in {time.perf_counter() - started:.1f} s; states made:")
+        print(
+            f"loaded {len(event_ids)} events of {EXAM} in {time.perf_counter() - started:.1f} s; states made:"
+        )
         for name, counts in made.items():
             print(f"  {name}: {counts}")
         info = await redis.info("server")
-        print(f"server: {info.get('server_name', 'redis')} {info.get('valkey_version') or info['redis_version']}")
+        print(
+            f"server: {info.get('server_name', 'redis')} {info.get('valkey_version') or info['redis_version']}"
+        )
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("EXAMHOOK_")}
         env.update(EXAMHOOK_REDIS_URL=url, EXAMHOOK_CONFIG=str(config))
@@ -184,8 +192,13 @@ async def main() -> None:
             results.setdefault("Reporter.summary (library)", []).append(time.perf_counter() - started)
         assert rows == len(report_rows) == options.events, (rows, len(report_rows))
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cli.main", "--version"], env=env, cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "cli.main", "--version"],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         startup = time.perf_counter() - started
         print(f"\n{options.events} events, 3 integrations (one filtered), {options.rounds} rounds:")
         for label, samples in results.items():
