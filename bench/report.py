@@ -170,9 +170,8 @@ async def main() -> None:
         for name, counts in made.items():
             print(f"  {name}: {counts}")
         info = await redis.info("server")
-        print(
-            f"server: {info.get('server_name', 'redis')} {info.get('valkey_version') or info['redis_version']}"
-        )
+        version = info.get("valkey_version") or info["redis_version"]
+        print(f"server: {info.get('server_name', 'redis')} {version}")
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("EXAMHOOK_")}
         env.update(EXAMHOOK_REDIS_URL=url, EXAMHOOK_CONFIG=str(config))

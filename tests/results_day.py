@@ -61,8 +61,8 @@ class Picky:
         return [t["key"] for t in self.taken]
 
 
-@pytest.fixture
-async def picky(unused_tcp_port_factory: Callable[[], int]) -> AsyncIterator[Picky]:
+@pytest.fixture(name="picky")
+async def picky_fixture(unused_tcp_port_factory: Callable[[], int]) -> AsyncIterator[Picky]:
     port = unused_tcp_port_factory()
     dest = Picky(url=f"http://127.0.0.1:{port}/hook")
     app = web.Application()

@@ -19,7 +19,7 @@ from shared.report import Target
 from shared.settings import Settings
 from shared.store import Rejected, Store, now_ms
 from tests.conftest import eventually, post_event
-from tests.results_day import EXAM, Picky, learner, picky, write_config  # noqa: F401
+from tests.results_day import EXAM, Picky, learner, picky_fixture, write_config  # noqa: F401
 from tests.test_cli import clean_env, examhook, free_port
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

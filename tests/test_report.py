@@ -20,7 +20,7 @@ from shared.report import Reporter, Target
 from shared.settings import Settings
 from shared.store import Store, now_ms
 from tests.conftest import eventually, post_event
-from tests.results_day import EXAM, Picky, learner, picky, write_config  # noqa: F401
+from tests.results_day import EXAM, Picky, learner, picky_fixture, write_config  # noqa: F401
 from tests.test_cli import clean_env, examhook, free_port
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -105,7 +105,7 @@ async def test_exam_report_json_and_csv_show_each_learner_everywhere(
     replaced learner 2's first release before it was sent), pending (an integration that is
     down waits for its retry), skipped (a filter that does not take the exam); failed rows
     come first. `--csv` has the same rows, one column per integration."""
-    settings, ids = await results_day(aiohttp_client, make_settings, start_worker, redis, picky, sample_body)
+    _, ids = await results_day(aiohttp_client, make_settings, start_worker, redis, picky, sample_body)
     config = write_config(tmp_path / "examhook.toml", integrations(picky))
     env = clean_env(EXAMHOOK_REDIS_URL=redis_url, EXAMHOOK_REDIS_PREFIX=prefix)
     names = {v: k for k, v in ids.items()}
