@@ -283,6 +283,17 @@ class Reporter:
             summaries.append(ExamSummary(exam_id, name, len(events), len(learners), counts, iso(int(score))))
         return summaries
 
+    async def exam_name(self, exam_id: str) -> str:
+        """The exam's name, from its newest event still held ('' if none is)."""
+        for raw in await self.store.redis.zrevrange(self.keys.exam(exam_id), 0, 9):
+            body = await self.store.redis.get(self.keys.event(raw.decode()))
+            if body is not None:
+                try:
+                    return _brief_decoder.decode(body).exam.name
+                except msgspec.DecodeError:
+                    continue
+        return ""
+
     async def event_states(self, event_id: str, body: bytes | None) -> dict[str, str]:
         """Each integration's state for one event (``failures show``)."""
         [(_, codes)] = await self._codes([event_id], with_body=False)
