@@ -17,7 +17,6 @@ import asyncio
 import logging
 import re
 import traceback
-from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from email.errors import HeaderParseError, MessageError
 from email.headerregistry import Address, AddressHeader, HeaderRegistry
@@ -34,11 +33,9 @@ import msgspec
 from aiosmtplib.email import flatten_message
 
 from shared.contract import event_id as compute_event_id
-from shared.contract import released_ms
 from shared.logs import mask_email
 from shared.payload import ExamResultsReleased, decoder
 from shared.settings import EmailIntegration
-from shared.store import Store
 from worker.integrations.base import (
     Delivery,
     DeliveryError,
@@ -47,6 +44,7 @@ from worker.integrations.base import (
     TransientError,
     UnknownOutcome,
 )
+from worker.integrations.releases import EarlierRelease, find_earlier_release
 
 log = logging.getLogger("examhook.worker.email")
 
@@ -192,34 +190,6 @@ def readable_duration(milliseconds: float) -> str:
     if minutes:
         parts.append(f"{minutes} minute{'s' if minutes != 1 else ''}")
     return " ".join(parts)
-
-
-@dataclass(frozen=True, slots=True)
-class EarlierRelease:
-    """The release of the same attempt that this one replaces (a re-release after a
-    re-mark): when it was released, and its body while examhook still holds it."""
-
-    released_at: str  # ISO 8601, as sent (or made from the stored release time)
-    event: ExamResultsReleased | None = None
-
-
-async def find_earlier_release(store: Store, event: ExamResultsReleased) -> EarlierRelease | None:
-    """The release of the same attempt that ``event`` replaces, from ``P:releases:A`` (with
-    its body while examhook still holds it); None for a first release."""
-    found = await store.earlier_release(event.attempt.id, released_ms(event))
-    if found is None:
-        return None
-    _, released, body = found
-    earlier_event = None
-    if body is not None:
-        try:
-            earlier_event = decoder.decode(body)
-        except msgspec.DecodeError:
-            earlier_event = None
-    if earlier_event is not None:
-        return EarlierRelease(earlier_event.attempt.audit.released_at, earlier_event)
-    iso_text = datetime.fromtimestamp(released / 1000, tz=UTC).isoformat(timespec="milliseconds")
-    return EarlierRelease(iso_text.replace("+00:00", "Z"))
 
 
 def _result_of(event: ExamResultsReleased) -> dict[str, Any]:
@@ -794,6 +764,7 @@ __all__: list[str] = [
     "TemplateProblem",
     "check_addresses",
     "check_templates",
+    "find_earlier_release",
     "parse_address",
     "render_templates",
     "template_context",
