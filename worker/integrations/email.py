@@ -433,6 +433,7 @@ class EmailDelivery(Integration[EmailIntegration]):
     """
 
     marks_hand_over = True
+    wants_earlier_release = True  # a re-release's message says it is an update
 
     def __init__(self, config: EmailIntegration) -> None:
         super().__init__(config)
@@ -475,7 +476,7 @@ class EmailDelivery(Integration[EmailIntegration]):
         reply_to = _checked(config.reply_to, "reply_to", allow_display_name=True) if config.reply_to else None
         bcc = [_checked(b, f"bcc[{i}]") for i, b in enumerate(config.bcc)]
         try:
-            subject, text, html = render_templates(config, event, delivery.event_id)
+            subject, text, html = render_templates(config, event, delivery.event_id, delivery.earlier)
         except TemplateProblem as exc:
             raise PermanentError(f"template error: {exc}") from None
 
