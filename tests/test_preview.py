@@ -230,3 +230,37 @@ def test_re_release_templates_and_custom_templates_can_use_it(tmp_path: Path) ->
     custom.write_text("{{ previous.grade_lable }}")
     problems = check_templates(email_settings(subject_template=str(custom)))
     assert problems and "grade_lable" in problems[0]
+
+
+async def test_a_re_release_is_emailed_as_an_update(
+    aiohttp_client: ClientFactory,
+    make_settings: Callable[..., Settings],
+    start_worker: Callable[..., Awaitable[Any]],
+    smtp: Any,
+    sample_body: bytes,
+) -> None:
+    """End to end through a real worker and SMTP server: the first release of an attempt is
+    emailed as a result, its re-release (a re-mark) as "Your updated result ..." naming the
+    earlier release's time and grade, in the integration's timezone; the preview of that
+    stored event is the same text the learner got."""
+    from tests.conftest import email_integration, eventually
+
+    settings = make_settings([email_integration(smtp, "learner-email", timezone="Europe/Paris")])
+    client = await aiohttp_client(create_app(settings))
+    await start_worker(settings)
+    await post_event(client, learner(sample_body, 1, released_at="2026-11-23T09:00:00Z"))
+
+    async def mails(count: int) -> bool:
+        return len(smtp.handler.mails) >= count
+
+    await eventually(lambda: mails(1))
+    second = await post_event(
+        client, learner(sample_body, 1, released_at="2026-11-24T14:00:00Z", passed=False)
+    )
+    await eventually(lambda: mails(2))
+    first_mail, update = (m.message for m in smtp.handler.mails)
+    assert first_mail["Subject"] == "Congratulations, you passed Maths Final 2026: Pass"
+    assert update["Subject"] == "Your updated result for Maths Final 2026: Fail"
+    text = update.get_body(("plain",)).get_content().replace("\r\n", "\n")
+    assert "It replaces the result released on\n23 November 2026 at 10:00 CET (Pass, 62.5%)." in text
+    assert update["X-Examhook-Event-Id"] == second
