@@ -384,8 +384,12 @@ async def event_summary(reporter: Reporter, event_id: str, detail: dict[str, Any
     integration's state, as fields and as one paragraph."""
     payload = detail.get("payload")
     body = msgspec.json.encode(payload) if isinstance(payload, dict) else None
-    states = await reporter.event_states(event_id, body)
     attempts = {d["integration"]: d for d in detail.get("deliveries", [])}
+    if reporter.targets:
+        states = await reporter.event_states(event_id, body)
+    else:  # no configuration at hand: what the delivery records say
+        final = {"delivered", "failed", "superseded"}
+        states = {n: d["status"] if d["status"] in final else "pending" for n, d in attempts.items()}
     parts = []
     for name, state in states.items():
         known = attempts.get(name)
@@ -421,6 +425,6 @@ async def event_summary(reporter: Reporter, event_id: str, detail: dict[str, Any
         f"{event.user.name} ({event.user.id}, {event.user.email}) sat {event.exam.name} ({event.exam.id}), "
         f"attempt {a.id}: {a.grade.label} ({'pass' if a.grade.is_pass else 'fail'}, "
         f"{summary['score_percent']:g}%), released {a.audit.released_at}. "
-        + ("Deliveries: " + "; ".join(parts) + "." if parts else "No integration is configured.")
+        + ("Deliveries: " + "; ".join(parts) + "." if parts else "No delivery is known.")
     )
     return summary
