@@ -121,7 +121,7 @@ class Replayer:
                 k.job(job_id),
                 k.in_progress(job_id),
             ]
-            args += [event_id, name, attempt_id, released, encode_job(DELIVER, (event_id, name), now)]
+            args += [event_id, name, attempt_id, released, encode_job(DELIVER, (event_id, name), now), job_id]
         answers = await self._script(keys=keys, args=args)
         for (event_id, name, _, _), raw in zip(pairs, answers, strict=True):
             answer = raw.decode()

@@ -18,7 +18,7 @@ from shared.replay import Replayer
 from shared.report import Target
 from shared.settings import Settings
 from shared.store import Rejected, Store, now_ms
-from tests.conftest import eventually, post_event
+from tests.conftest import eventually, post_event, running_worker
 from tests.results_day import EXAM, Picky, learner, picky_fixture, write_config  # noqa: F401
 from tests.test_cli import clean_env, examhook, free_port
 
@@ -119,12 +119,19 @@ async def test_replay_reaches_an_integration_added_after_the_release(
     tmp_path: Path,
 ) -> None:
     """An integration added after the release has no record of the exam's events: the report
-    shows them pending for it; `replay --exam X --integration new` delivers them there (and
-    only there: the first integration gets nothing again)."""
+    shows them pending for it; once the workers run the new configuration, `replay --exam X
+    --integration new` delivers them there (and only there: the first integration gets
+    nothing again)."""
     settings = make_settings([lms(picky)])
-    ids = await delivered_all(
-        aiohttp_client, settings, start_worker, picky, [learner(sample_body, n) for n in range(2)]
-    )
+    client = await aiohttp_client(create_app(settings))
+    async with running_worker(settings):  # the release, before the integration was added
+        ids = [await post_event(client, learner(sample_body, n)) for n in range(2)]
+
+        async def arrived_once() -> bool:
+            return len(picky.taken) >= 2
+
+        await eventually(arrived_once)
+        await eventually(lambda: _all_delivered(redis, Keys(prefix), ids, "lms"))
     both = [lms(picky), lms(picky, "warehouse")]
     await start_worker(make_settings(both))
     config = write_config(tmp_path / "examhook.toml", both)

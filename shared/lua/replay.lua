@@ -26,7 +26,7 @@
 -- ARGV[1]  now_ms
 -- ARGV[2]  ttl_ms    the pair record's (and so the job's and the body's) retention
 -- ARGV[3]  dry_run   '1': decide only, write nothing
--- then five values per pair: event_id, integration, attempt_id, released_ms, job_bytes
+-- then six values per pair: event_id, integration, attempt_id, released_ms, job_bytes, job_id (P:E:I)
 --
 -- Returns one answer per pair: 'queued' (or would be, in a dry run); skipped: 'pending'
 -- (queued, being sent or waiting for a retry), 'locked' (a worker holds it), 'expired' (the
@@ -34,7 +34,7 @@
 local queue_key, failures_key, unmatched_key, stats_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now, ttl, dry_run = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local FIRST_PAIR_KEY, KEYS_PER_PAIR = 5, 8
-local FIRST_PAIR_ARG, ARGS_PER_PAIR = 4, 5
+local FIRST_PAIR_ARG, ARGS_PER_PAIR = 4, 6
 local PENDING = {queued = true, sending = true, retry = true}
 
 local function lengthen(key)
@@ -49,8 +49,7 @@ for n = 0, (#ARGV - FIRST_PAIR_ARG + 1) / ARGS_PER_PAIR - 1 do
   local body_key, pair_key, attempts_key, delivered_key = KEYS[key], KEYS[key + 1], KEYS[key + 2], KEYS[key + 3]
   local lock_key, releases_key, job_key, in_progress_key = KEYS[key + 4], KEYS[key + 5], KEYS[key + 6], KEYS[key + 7]
   local event_id, integration, attempt_id = ARGV[arg], ARGV[arg + 1], ARGV[arg + 2]
-  local released, job = tonumber(ARGV[arg + 3]), ARGV[arg + 4]
-  local job_id = string.sub(job_key, string.len('arq:job:') + 1)
+  local released, job, job_id = tonumber(ARGV[arg + 3]), ARGV[arg + 4], ARGV[arg + 5]
   local delivered = redis.call('EXISTS', delivered_key) == 1
   local status = redis.call('HGET', pair_key, 'status')
   local newest = redis.call('ZRANGE', releases_key, 0, 0, 'REV', 'WITHSCORES')
