@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
+from shared.contract import Keys
+from shared.settings import load_settings
+from shared.store import Rejected, Store, now_ms
 from tests.conftest import eventually
 from tests.results_day import EXAM, Picky, learner, picky_fixture, write_config  # noqa: F401
 from tests.test_cli import (
@@ -87,16 +91,26 @@ async def test_report_replay_preview_against_examhook_dev(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 async def test_results_day_against_separate_receiver_and_worker(
-    picky: Picky, sample_body: bytes, redis_url: str, prefix: str, tmp_path: Path
+    picky: Picky, sample_body: bytes, redis: Redis, redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
     """With `examhook receive` and `examhook worker` as separate processes on one Redis and one
     configuration file: the report shows who was delivered and who failed, `failures list`
-    names the failed learner, `replay --exam --integration` sends the delivered ones again
-    with the same Idempotency-Keys (the failed one too, as a fresh round), and then the
-    report shows everyone delivered."""
+    names the failed learner, `retries list` the learners an integration that is down waits
+    for and `retries now` has them attempted again at once, `replay --exam --integration`
+    sends the delivered ones again with the same Idempotency-Keys (the failed one too, as a
+    fresh round) until the report shows everyone delivered, `preview-email --event` previews
+    a stored event and `rejected replay` takes a quarantined body the model accepts now."""
     picky.refuse.append(b'"att_rd2"')
     integrations: list[dict[str, Any]] = [
         {"name": "lms", "type": "http", "url": picky.url, "timeout_seconds": 2, "max_attempts": 1},
+        {
+            "name": "archive",
+            "type": "http",
+            "url": f"http://127.0.0.1:{free_port()}/down",
+            "timeout_seconds": 1,
+            "backoff_base_seconds": 600,
+            "backoff_max_seconds": 600,
+        },
     ]
     config = write_config(
         tmp_path / "examhook.toml",
@@ -148,3 +162,40 @@ async def test_results_day_against_separate_receiver_and_worker(
             return {r["integrations"]["lms"] for r in run.json()} == {"delivered"}
 
         await eventually(delivered_everywhere, timeout=30, interval=0.2)
+
+        waiting = (await examhook("retries", "list", "--json", env=env, cwd=tmp_path)).json()
+        assert sorted(r["user_id"] for r in waiting) == ["usr_rd0", "usr_rd1", "usr_rd2"]
+        assert {(r["integration"], r["attempts"]) for r in waiting} == {("archive", 1)}
+        hurried = await examhook("retries", "now", "--integration", "archive", env=env, cwd=tmp_path)
+        assert hurried.out.strip() == "made 3 waiting retries due now", hurried
+
+        async def attempted_again() -> bool:
+            rows = (await examhook("retries", "list", "--json", env=env, cwd=tmp_path)).json()
+            return len(rows) == 3 and all(r["attempts"] == 2 for r in rows)
+
+        await eventually(attempted_again, timeout=30, interval=0.2)
+
+        preview = await examhook("preview-email", "--event", ids[2], env=env, cwd=tmp_path)
+        assert preview.code == 0, preview
+        assert "To: Learner Number2 <learner2@example.org>" in preview.out
+
+        store = Store(redis, Keys(prefix), load_settings(config, env={}).retention)
+        quarantined = learner(sample_body, 7).decode()
+        await store.quarantine(
+            Rejected(
+                "rej_older_model",
+                now_ms(),
+                "invalid_payload",
+                "older model",
+                "$.x",
+                "application/json",
+                quarantined,
+            )
+        )
+        taken = await examhook("rejected", "replay", "rej_older_model", env=env, cwd=tmp_path)
+        assert taken.code == 0 and taken.out.startswith("rej_older_model: accepted evt_"), taken
+
+        async def delivered_too() -> bool:
+            return any(t["body"]["user"]["id"] == "usr_rd7" for t in picky.taken)
+
+        await eventually(delivered_too, timeout=30, interval=0.1)
