@@ -25,6 +25,8 @@ from cli.common import (
     run_inspection,
     settings_or_exit,
 )
+from cli.results import register as register_results_day
+from cli.results import results_settings
 from shared.inspection import Inspector, iso
 from shared.logs import configure_logging
 from shared.process import tune_gc
@@ -420,9 +422,11 @@ def failures_list(
     if as_json:
         print_json(data)
         return
+    for row in data:
+        row["learner"] = f"{row['user_name'] or '?'} ({row['user_id'] or 'expired'})"
     print_table(
         data,
-        ["event_id", "integration", "attempts", "last_attempt_at", "exam_id", "last_error"],
+        ["event_id", "integration", "learner", "exam_id", "attempts", "last_attempt_at", "last_error"],
         empty="no failed deliveries",
     )
 
@@ -437,14 +441,25 @@ def failures_show(
     event_id: str, integration: str | None, as_json: bool, data_dir: str, config_path: str | None
 ) -> None:
     """Everything known about an event: payload, and each attempt's outcome."""
-    settings = inspection_settings(config_path, data_dir)
-    detail = run_inspection(settings, lambda i: i.event_detail(event_id, integration))
+    from shared.report import Reporter, Target, event_summary
+
+    settings = results_settings(config_path, data_dir)
+
+    async def work(inspector: Inspector) -> dict[str, Any] | None:
+        detail = await inspector.event_detail(event_id, integration)
+        if detail is not None:
+            reporter = Reporter(inspector.store, Target.of(settings.integrations))
+            detail["summary"] = await event_summary(reporter, event_id, detail)
+        return detail
+
+    detail = run_inspection(settings, work)
     if detail is None:
         fail(f"no event {event_id} (unknown, or expired)", code=1)
     if as_json:
         print_json(detail)
         return
     click.echo(f"event {event_id}")
+    click.echo(detail["summary"]["text"])
     for delivery in detail["deliveries"]:
         click.echo(
             f"\n[{delivery['integration']}] {delivery['status']}, {delivery['attempts']} attempt(s)"
@@ -646,6 +661,9 @@ def erase(
     for event_id in report.events:
         click.echo(f"  {event_id}")
     click.echo(f"note: {report.not_covered}")
+
+
+register_results_day(cli, rejected)
 
 
 def main() -> None:

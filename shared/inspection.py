@@ -69,6 +69,11 @@ class FailureRow(msgspec.Struct):
     attempt_id: str
     exam_id: str | None = None
     total_attempts: int = 0
+    # who is affected (None once the body has expired)
+    user_id: str | None = None
+    user_name: str | None = None
+    user_email: str | None = None
+    exam_name: str | None = None
 
 
 class Inspector:
@@ -162,9 +167,11 @@ class Inspector:
                 continue
             fields = {key.decode(): value.decode() for key, value in state.items()}
             event_exam = None
+            decoded = None
             if body:
                 try:
-                    event_exam = decoder.decode(body).exam.id
+                    decoded = decoder.decode(body)
+                    event_exam = decoded.exam.id
                 except msgspec.DecodeError:
                     event_exam = None
             if exam_id is not None and event_exam != exam_id:
@@ -185,6 +192,10 @@ class Inspector:
                     attempt_id=fields.get("attempt_id", ""),
                     exam_id=event_exam,
                     total_attempts=int(fields.get("total_attempts", 0)),
+                    user_id=decoded.user.id if decoded else None,
+                    user_name=decoded.user.name if decoded else None,
+                    user_email=decoded.user.email if decoded else None,
+                    exam_name=decoded.exam.name if decoded else None,
                 )
             )
         return rows

@@ -109,6 +109,18 @@ class EmailIntegration(IntegrationBase, tag="email", kw_only=True, frozen=True):
     # SMTP connections each worker process keeps open, and so messages in flight at once.
     # timeout_seconds bounds one conversation on one connection, not the wait for one.
     pool_size: PositiveInt = 5
+    # IANA time zone of the times in the messages ("Europe/London"); UTC by default
+    timezone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"timezone: unknown time zone {self.timezone!r} (an IANA name such as 'Europe/London')"
+            ) from None
 
     @property
     def unknown_outcome_policy(self) -> UnknownOutcomePolicy:

@@ -433,6 +433,21 @@ class Store:
             skipped += int(s)
         return queued, skipped
 
+    async def earlier_release(
+        self, attempt_id: str, released_ms: int
+    ) -> tuple[str, int, bytes | None] | None:
+        """The release of ``attempt_id`` just before the one released at ``released_ms`` (a
+        re-release replaces it): (its event id, its release time in ms, its body while still
+        held, else None); None when this is the attempt's first release examhook knows."""
+        found = await self.redis.zrevrangebyscore(
+            self.keys.releases(attempt_id), f"({released_ms}", "-inf", start=0, num=1, withscores=True
+        )
+        if not found:
+            return None
+        raw_id, score = found[0]
+        event_id = raw_id.decode()
+        return event_id, int(score), await self.redis.get(self.keys.event(event_id))
+
     async def purge_failures(self, pairs: list[tuple[str, str]]) -> int:
         """Forget failed pairs; returns how many failures were removed."""
         removed = 0

@@ -25,6 +25,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
+from redis.exceptions import RedisError
+
 from shared.contract import DELIVER, MAX_EVENTS_PER_JOB, Keys, encode_job, pair_member, released_ms
 from shared.logs import scrub
 from shared.payload import ExamResultsReleased, decoder
@@ -39,6 +41,7 @@ from worker.integrations.base import (
     TransientError,
     UnknownOutcome,
 )
+from worker.integrations.releases import EarlierRelease, find_earlier_release
 from worker.lanes import Lane
 from worker.metrics import WorkerMetrics
 from worker.outcomes import OutcomeJournal
@@ -380,6 +383,8 @@ class Deliverer:
         else:
             delivery = Delivery(event_id, body, event, number, claim.interrupted, hand_over)
             try:
+                if integration.wants_earlier_release:
+                    delivery = dataclasses.replace(delivery, earlier=await self._earlier_release(event))
                 # the integration enforces its own timeout; this is the backstop
                 async with asyncio.timeout(config.timeout_seconds + BACKSTOP_SECONDS):
                     result = await integration.deliver(delivery)
@@ -416,6 +421,15 @@ class Deliverer:
         if decision.outcome == "retry" and mode == "retry":
             return Outcome("retry", decision.retry_in)
         return Outcome(decision.outcome)
+
+    async def _earlier_release(self, event: ExamResultsReleased) -> EarlierRelease | None:
+        """The release this one replaces (a re-release), for the message to say so; never
+        holds up a send: without Redis's answer the message reads as a first release."""
+        try:
+            async with asyncio.timeout(1.0):
+                return await find_earlier_release(self.store, event)
+        except (RedisError, OSError, TimeoutError):
+            return None
 
     async def _record(
         self,

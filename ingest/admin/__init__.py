@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ingest.admin import views
+from ingest.admin import exams, views
 from ingest.admin.redact import Redactor, secrets_of
 from ingest.admin.security import AdminAuth
 from ingest.appkeys import SETTINGS
@@ -38,3 +38,8 @@ def setup_admin(app: web.Application) -> None:
     r.add_get("/admin/rejected", views.rejected)
     r.add_get(r"/admin/rejected/{reject_id}", views.rejected_one)
     r.add_post("/admin/rejected/purge", views.rejected_purge)
+    r.add_get("/admin/exams", exams.exams)
+    r.add_get(r"/admin/exams/{exam_id}/csv", exams.exam_csv_download)
+    r.add_get(r"/admin/exams/{exam_id}", exams.exam)
+    r.add_get("/admin/email-preview", exams.email_preview)
+    r.add_get("/admin/email-preview/html", exams.email_preview_html)

@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 
 from shared.payload import ExamResultsReleased
 from shared.settings import IntegrationBase
+from worker.integrations.releases import EarlierRelease
 
 
 async def _nothing() -> None:
@@ -34,6 +35,9 @@ class Delivery:
     # before it (see :attr:`Integration.marks_hand_over`); it raises if the mark could not be
     # made, and then nothing must be sent.
     hand_over: Callable[[], Awaitable[None]] = _nothing
+    # For integrations with ``wants_earlier_release``: the release of the same attempt this
+    # one replaces (a re-release), or None (a first release, or unknown).
+    earlier: EarlierRelease | None = None
 
 
 class DeliveryError(Exception):
@@ -72,6 +76,9 @@ class Integration(Generic[ConfigT]):
     # "outcome unknown" (the on_unknown_outcome policy). Otherwise any unfinished attempt
     # counts as "maybe sent before".
     marks_hand_over: bool = False
+    # True when deliver() uses ``delivery.earlier`` (the worker then looks it up: one more
+    # Redis round trip per attempt).
+    wants_earlier_release: bool = False
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config

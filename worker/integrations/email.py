@@ -17,7 +17,7 @@ import asyncio
 import logging
 import re
 import traceback
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from email.errors import HeaderParseError, MessageError
 from email.headerregistry import Address, AddressHeader, HeaderRegistry
 from email.message import EmailMessage
@@ -25,6 +25,7 @@ from email.utils import formatdate
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, NoReturn
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiosmtplib
 import jinja2
@@ -43,6 +44,7 @@ from worker.integrations.base import (
     TransientError,
     UnknownOutcome,
 )
+from worker.integrations.releases import EarlierRelease, find_earlier_release
 
 log = logging.getLogger("examhook.worker.email")
 
@@ -144,19 +146,35 @@ def parse_time(value: str) -> datetime | None:
     return parsed.astimezone(UTC)
 
 
+def _zone(name: str | None) -> tzinfo:
+    if not name or name == "UTC":
+        return UTC
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):  # checked at load; a template must still render
+        return UTC
+
+
 def readable_date(value: datetime) -> str:
     return f"{value.day} {value:%B %Y}"
 
 
 def readable_datetime(value: datetime) -> str:
-    return f"{readable_date(value)} at {value:%H:%M} UTC"
+    """``23 November 2026 at 09:53 UTC``; in another zone its abbreviation (``GMT``, ``CET``)."""
+    zone = value.tzname() or "UTC"
+    return f"{readable_date(value)} at {value:%H:%M} {zone}"
 
 
-def datetime_filter(value: Any, fmt: str | None = None) -> str:
-    """Jinja filter ``datetime``: an ISO timestamp or datetime, readably or by ``strftime``."""
+@jinja2.pass_context
+def datetime_filter(context: Any, value: Any, fmt: str | None = None) -> str:
+    """Jinja filter ``datetime``: an ISO timestamp or datetime, readably or by ``strftime``,
+    in the integration's ``timezone``."""
     parsed = value if isinstance(value, datetime) else parse_time(str(value))
     if parsed is None:
         return str(value)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    parsed = parsed.astimezone(_zone(context.get("timezone")))
     return parsed.strftime(fmt) if fmt else readable_datetime(parsed)
 
 
@@ -173,11 +191,45 @@ def readable_duration(milliseconds: float) -> str:
     return " ".join(parts)
 
 
-def template_context(event: ExamResultsReleased, event_id: str | None = None) -> dict[str, Any]:
-    """Everything a template can use (documented in ``docs/email.md``)."""
+def _result_of(event: ExamResultsReleased) -> dict[str, Any]:
     attempt = event.attempt
-    released = parse_time(attempt.audit.released_at)
     pass_marks = [g.min_score for g in attempt.grade_criteria.grades if g.is_pass]
+    return {
+        "grade_label": attempt.grade.label,
+        "passed": attempt.grade.is_pass,
+        "score": _number(attempt.score),
+        "score_percent": _number(round(attempt.score_frac * 100, 1)),
+        "pass_mark": _number(min(pass_marks)) if pass_marks else None,
+    }
+
+
+def _when(iso_text: str, zone: tzinfo) -> dict[str, Any]:
+    moment = parse_time(iso_text)
+    local = moment.astimezone(zone) if moment else None
+    return {
+        "released_at": readable_datetime(local) if local else iso_text,
+        "released_date": readable_date(local) if local else iso_text,
+        "released_at_iso": iso_text,
+        "released_datetime": local,
+    }
+
+
+def template_context(
+    event: ExamResultsReleased,
+    event_id: str | None = None,
+    *,
+    timezone: str = "UTC",
+    earlier: EarlierRelease | None = None,
+) -> dict[str, Any]:
+    """Everything a template can use (documented in ``docs/email.md``). Times are shown in
+    ``timezone`` (an IANA name); ``earlier`` is the release this one replaces, if any."""
+    attempt = event.attempt
+    zone = _zone(timezone)
+    previous: dict[str, Any] | None = None
+    if earlier is not None:
+        previous = {**_when(earlier.released_at, zone), "known": earlier.event is not None}
+        if earlier.event is not None:
+            previous.update(_result_of(earlier.event))
     return {
         "event": event,
         "event_id": event_id or compute_event_id(event),
@@ -187,21 +239,18 @@ def template_context(event: ExamResultsReleased, event_id: str | None = None) ->
         "test_title": event.test.title,
         "qualification_name": event.exam.attr.qualification_name,
         "user_group_name": event.exam.user_group.name,
-        "grade_label": attempt.grade.label,
-        "passed": attempt.grade.is_pass,
-        "score": _number(attempt.score),
-        "score_percent": _number(round(attempt.score_frac * 100, 1)),
-        "pass_mark": _number(min(pass_marks)) if pass_marks else None,
+        **_result_of(event),
         "marks_points": _number(attempt.marks.points),
         "marks_max": _number(attempt.marks.max_points),
         "marks_penalties": _number(attempt.marks.penalties),
         "correct_answers": _number(attempt.total_answered_correctly),
         "total_questions": _number(attempt.total_questions),
         "time_spent": readable_duration(attempt.time_spent_in_ms),
-        "released_at": readable_datetime(released) if released else attempt.audit.released_at,
-        "released_date": readable_date(released) if released else attempt.audit.released_at,
-        "released_at_iso": attempt.audit.released_at,
-        "released_datetime": released,
+        **_when(attempt.audit.released_at, zone),
+        "timezone": timezone,
+        # a re-release: this result replaces an earlier one of the same attempt
+        "is_update": earlier is not None,
+        "previous": previous,
     }
 
 
@@ -283,15 +332,19 @@ def _render_part(config: EmailIntegration, part: str, failed: bool, context: dic
 
 
 def render_templates(
-    config: EmailIntegration, event: ExamResultsReleased, event_id: str | None = None
+    config: EmailIntegration,
+    event: ExamResultsReleased,
+    event_id: str | None = None,
+    earlier: EarlierRelease | None = None,
 ) -> tuple[str, str, str]:
     """(subject, text, html) for ``event``; raises :class:`TemplateProblem`.
 
     A failed result (``attempt.grade.isPass`` false) uses ``fail_*_template``, else
     the normal template, else the built-in default, for each part separately.
     The subject's whitespace (line breaks included) is collapsed to single spaces.
+    ``earlier``: the release of the same attempt this one replaces (a re-release).
     """
-    context = template_context(event, event_id)
+    context = template_context(event, event_id, timezone=config.timezone, earlier=earlier)
     failed = not event.attempt.grade.is_pass
     subject, text, html = (_render_part(config, part, failed, context) for part in PARTS)
     return subject, text, html
@@ -320,9 +373,12 @@ def check_templates(config: EmailIntegration) -> list[str]:
     """Render every template this integration can use (pass and fail variants) against
     the sample payload; return each problem once, naming file and line. Connects to nothing."""
     problems: list[str] = []
-    for event in sample_events():
+    passed, failing = sample_events()
+    # each variant as a first release, and as a re-release replacing an earlier one
+    earlier = EarlierRelease(passed.attempt.audit.released_at, failing)
+    for event, replaces in ((passed, None), (failing, None), (passed, earlier)):
         failed = not event.attempt.grade.is_pass
-        context = template_context(event)
+        context = template_context(event, timezone=config.timezone, earlier=replaces)
         for part in PARTS:
             try:
                 _render_part(config, part, failed, context)
@@ -374,6 +430,7 @@ class EmailDelivery(Integration[EmailIntegration]):
     """
 
     marks_hand_over = True
+    wants_earlier_release = True  # a re-release's message says it is an update
 
     def __init__(self, config: EmailIntegration) -> None:
         super().__init__(config)
@@ -416,7 +473,7 @@ class EmailDelivery(Integration[EmailIntegration]):
         reply_to = _checked(config.reply_to, "reply_to", allow_display_name=True) if config.reply_to else None
         bcc = [_checked(b, f"bcc[{i}]") for i, b in enumerate(config.bcc)]
         try:
-            subject, text, html = render_templates(config, event, delivery.event_id)
+            subject, text, html = render_templates(config, event, delivery.event_id, delivery.earlier)
         except TemplateProblem as exc:
             raise PermanentError(f"template error: {exc}") from None
 
@@ -699,11 +756,13 @@ def _reason(exc: BaseException) -> str:
 
 
 __all__: list[str] = [
+    "EarlierRelease",
     "EmailDelivery",
     "InvalidAddress",
     "TemplateProblem",
     "check_addresses",
     "check_templates",
+    "find_earlier_release",
     "parse_address",
     "render_templates",
     "template_context",
