@@ -120,12 +120,20 @@ class BasicAuth:
         # Compared as SHA-256 digests: both sides always 32 bytes, so the comparison's
         # time says nothing about the credentials' content or length.
         self._expected = hashlib.sha256(f"{user}:{password}".encode()).digest() if self.enabled else b""
+        # the header as Synap (and nearly every client) writes it: one digest to compare, no decoding
+        canonical = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self._expected_header = hashlib.sha256(canonical.encode()).digest() if self.enabled else b""
         self.limiter = FailureLimiter(max_failures, total_failures, window_seconds, max_clients)
 
     def check(self, header: str | None) -> bool:
         if not self.enabled:
             return True
-        if not header or header[:6].lower() != "basic ":
+        if not header:
+            return False
+        given_header = hashlib.sha256(header.encode("utf-8", "surrogateescape")).digest()
+        if hmac.compare_digest(given_header, self._expected_header):
+            return True
+        if header[:6].lower() != "basic ":
             return False
         try:
             given = base64.b64decode(header[6:].strip(), validate=True)

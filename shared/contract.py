@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -58,7 +57,7 @@ from arq.constants import (
     retry_key_prefix,
 )
 
-from shared.payload import ExamResultsReleased
+from shared.payload import ExamResultsReleased, parse_time
 
 HANDLE_EVENTS = "handle_events"
 DELIVER = "deliver"
@@ -91,13 +90,8 @@ def event_id(event: ExamResultsReleased) -> str:
 
 def released_ms(event: ExamResultsReleased) -> int:
     """``attempt.audit.releasedAt`` as epoch milliseconds (0 when it is not ISO 8601)."""
-    try:
-        moment = datetime.fromisoformat(event.attempt.audit.released_at)
-    except ValueError:
-        return 0
-    if moment.tzinfo is None:  # no offset given: read as UTC, never as this machine's zone
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
+    moment = parse_time(event.attempt.audit.released_at)
+    return int(moment.timestamp() * 1000) if moment is not None else 0
 
 
 def encode_job(

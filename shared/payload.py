@@ -211,20 +211,28 @@ def error_path(error: msgspec.ValidationError) -> tuple[str, str]:
     return message[: match.start()], match.group(1)
 
 
-def release_problem(event: ExamResultsReleased, now: float, max_future_skew: float) -> str | None:
-    """Why ``attempt.audit.releasedAt`` cannot be taken, or None.
+def release_time(event: ExamResultsReleased, now: float, max_future_skew: float) -> tuple[int, str | None]:
+    """``attempt.audit.releasedAt`` as epoch milliseconds, and why it cannot be taken (or None).
 
-    It must be an ISO 8601 timestamp (read as UTC without an offset, as
-    ``shared.contract.released_ms`` reads it) no more than ``max_future_skew`` seconds
-    after ``now`` (epoch seconds): a release dated far ahead would make every real later
-    release of the attempt look older, and so be skipped as superseded.
+    It must be an ISO 8601 timestamp (read as UTC without an offset) no more than
+    ``max_future_skew`` seconds after ``now`` (epoch seconds): a release dated far ahead
+    would make every real later release of the attempt look older, and so be skipped as
+    superseded.
     """
+    moment = parse_time(event.attempt.audit.released_at)
+    if moment is None:
+        return 0, "releasedAt is not an ISO 8601 timestamp"
+    seconds = moment.timestamp()
+    if seconds > now + max_future_skew:
+        return 0, f"releasedAt is more than {max_future_skew:g} s in the future"
+    return int(seconds * 1000), None
+
+
+def parse_time(value: str) -> datetime | None:
+    """An ISO 8601 timestamp (``2026-11-23T09:53:11.414Z``) as an aware datetime; without an
+    offset it is read as UTC, never as this machine's zone. None when it is not one."""
     try:
-        moment = datetime.fromisoformat(event.attempt.audit.released_at)
-    except ValueError:
-        return "releasedAt is not an ISO 8601 timestamp"
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    if moment.timestamp() > now + max_future_skew:
-        return f"releasedAt is more than {max_future_skew:g} s in the future"
-    return None
+        moment = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

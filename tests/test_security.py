@@ -58,11 +58,12 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 
 def test_check_compares_digests_with_hmac_compare_digest(monkeypatch: pytest.MonkeyPatch) -> None:
-    """BasicAuth.check hashes the decoded ``user:password`` and compares SHA-256 digests
-    with hmac.compare_digest (constant time): both sides are always 32 bytes, so neither
-    the content nor the length of the configured credentials shows in the timing — for a
-    wrong password of the same length, a shorter or a much longer one alike. The source has
-    no ``==`` on the credentials."""
+    """BasicAuth.check compares SHA-256 digests with hmac.compare_digest (constant time): first
+    of the whole header against the header as Synap writes the right credentials (the common
+    case, no decoding), then of the decoded ``user:password``. Both sides are always 32
+    bytes, so neither the content nor the length of the configured credentials shows in the
+    timing — for a wrong password of the same length, a shorter or a much longer one alike.
+    The source has no ``==`` on the credentials."""
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
 
@@ -77,8 +78,10 @@ def test_check_compares_digests_with_hmac_compare_digest(monkeypatch: pytest.Mon
         header = "Basic " + base64.b64encode(given).decode()
         assert auth.check(header) is False
         assert calls[-1] == (hashlib.sha256(given).digest(), expected)
-    assert auth.check(basic("synap", "s3cret")["Authorization"]) is True
-    assert len(calls) == 4
+    right = basic("synap", "s3cret")["Authorization"]
+    assert auth.check(right) is True
+    assert calls[-1] == (hashlib.sha256(right.encode()).digest(),) * 2
+    assert len(calls) == 3 * 2 + 1  # a wrong header: both comparisons; the right one: the first
     assert all(len(a) == len(b) == 32 for a, b in calls)
     source = inspect.getsource(BasicAuth.check)
     assert "hmac.compare_digest(" in source
