@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
-from ingest.metrics import ReceiverMetrics
+from ingest.metrics import ReceiverMetrics, observe_many
 from shared.store import Incoming, Store
 
 log = logging.getLogger("examhook.ingest")
@@ -87,12 +88,19 @@ class GroupCommit:
         return count
 
     def _report(self, events: list[Incoming], results: list[bool]) -> None:
+        """Count a confirmed batch: its events, their answers (202 or 200) and how long each
+        waited from its request's start, once per batch rather than once per request."""
         metrics = self.metrics
         metrics.batch_size.observe(len(events))
         metrics.batch_bytes.observe(sum(len(e.body) for e in events))
         accepted = sum(results)
         metrics.accepted.inc(accepted)
         metrics.duplicate.inc(len(events) - accepted)
+        metrics.answered(202, accepted)
+        if accepted < len(events):
+            metrics.answered(200, len(events) - accepted)
+        now = time.perf_counter()
+        observe_many(metrics.enqueue_seconds, [now - e.started for e in events])
         if log.isEnabledFor(logging.INFO):
             # ids only: event ids are hashes, attempt ids Synap's opaque ids; no personal data
             pairs = list(zip(events, results, strict=True))
