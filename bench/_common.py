@@ -180,8 +180,15 @@ class Stack:
 
     # -- services ----------------------------------------------------------------------
 
-    def redis(self, name: str = "redis", appendfsync: str = "everysec", server: str | None = None) -> Redis:
-        """A fresh Redis (own port, own data dir, AOF on) just for this variant."""
+    def redis(
+        self,
+        name: str = "redis",
+        appendfsync: str = "everysec",
+        server: str | None = None,
+        wrapper: Sequence[str] = (),
+    ) -> Redis:
+        """A fresh Redis (own port, own data dir, AOF on) just for this variant (``wrapper``: a
+        command it runs under, e.g. valgrind)."""
         binary = server or os.environ.get("BENCH_REDIS_SERVER") or shutil.which("redis-server")
         if not binary:
             raise SystemExit("redis-server not found (set BENCH_REDIS_SERVER)")
@@ -191,6 +198,7 @@ class Stack:
         proc = self.spawn(
             name,
             [
+                *wrapper,
                 binary,
                 "--port",
                 str(port),
@@ -212,7 +220,7 @@ class Stack:
                 "",
             ],
         )
-        wait_for(lambda: _redis_ping(port), 10, f"{name} did not start:\n{proc.tail()}")
+        wait_for(lambda: _redis_ping(port), 120 if wrapper else 10, f"{name} did not start:\n{proc.tail()}")
         return Redis(f"redis://127.0.0.1:{port}/0", port, proc, data)
 
     def python(self, name: str, script: str, *args: str, env: dict[str, str] | None = None) -> Proc:

@@ -92,6 +92,10 @@ def _cpu(pid: int) -> float:
     return float(times.user + times.system)
 
 
+def _sys(pid: int) -> float:
+    return float(psutil.Process(pid).cpu_times().system)
+
+
 def _listening(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
@@ -162,15 +166,18 @@ def measure(
         spy = None
         if profile_to is not None:
             cmd = [py_spy() or "py-spy", "record", "--pid", str(proc.pid), "-d", str(int(args.duration))]
+            if args.native:
+                cmd.append("--native")
             spy = stack.spawn("py-spy", [*cmd, "-r", "250", "-f", "raw", "-o", str(profile_to)])
             time.sleep(0.5)
         sampler = RssSampler(proc.pid)
-        cpu0 = (_cpu(proc.pid), _cpu(redis.proc.pid) if redis else 0.0)
+        cpu0 = (_cpu(proc.pid), _cpu(redis.proc.pid) if redis else 0.0, _sys(proc.pid))
         sampler.start()
         result = run_wrk(port, args.duration, f"m{rnd % 10}", args)
         result["rss_max_mb"] = sampler.stop()
         n = max(1, result["requests"])
         result["cpu_us"] = (_cpu(proc.pid) - cpu0[0]) / n * 1e6
+        result["sys_us"] = (_sys(proc.pid) - cpu0[2]) / n * 1e6
         result["redis_cpu_us"] = (_cpu(redis.proc.pid) - cpu0[1]) / n * 1e6 if redis else 0.0
         if spy is not None:
             spy.popen.wait(args.duration + 30)
@@ -194,6 +201,7 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="also profile one variant with py-spy")
     parser.add_argument("--profile-variant", default="examhook", help="the variant --profile profiles")
     parser.add_argument("--profile-out", default=None, help="keep the raw py-spy profile at this path")
+    parser.add_argument("--native", action="store_true", help="profile C frames too (py-spy --native)")
     parser.add_argument("--wrk", default=shutil.which("wrk") or "wrk")
     parser.add_argument("--redis-server", default=None, help="redis-server or valkey-server binary")
     args = parser.parse_args()
@@ -235,7 +243,7 @@ def main() -> int:
             f"{med(variant, 'rps'):.0f}",
             f"{med(variant, 'p50_us') / 1000:.2f}",
             f"{med(variant, 'p99_us') / 1000:.2f}",
-            f"{med(variant, 'cpu_us'):.0f}",
+            f"{med(variant, 'cpu_us'):.0f} ({med(variant, 'sys_us'):.0f} sys)",
             f"{med(variant, 'redis_cpu_us'):.0f}",
             f"{max(r['rss_max_mb'] for r in runs[variant]):.1f}",
             str(sum(r["errors"] for r in runs[variant])),
