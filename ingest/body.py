@@ -36,6 +36,11 @@ class Refusal(Exception):
         self.raw = raw
 
 
+def busy() -> Refusal:
+    """Over the process's in-flight body bytes: 503 with Retry-After, the sender tries later."""
+    return Refusal(503, "busy", "too many request bytes in flight; retry later")
+
+
 class InflightBudget:
     """Body bytes held by the requests of one process right now, bounded by ``limit``."""
 
@@ -65,7 +70,7 @@ class Reservation:
     def grow_to(self, size: int) -> None:
         if size > self.size:
             if not self.budget.take(size - self.size):
-                raise Refusal(503, "busy", "too many request bytes in flight; retry later")
+                raise busy()
             self.size = size
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ import hmac
 import logging
 import secrets
 import time
+from typing import NamedTuple
 
 import msgspec
 from aiohttp import web
@@ -16,7 +17,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ingest.appkeys import AUTH, INFLIGHT, METRICS, OUTAGE, PROXY, QUEUE, REDIS, SETTINGS, STORE
 from ingest.auth import BasicAuth, too_many_failures, unauthorized
-from ingest.body import Refusal, Reservation, encoding_of, read_body
+from ingest.body import Refusal, Reservation, busy, encoding_of, read_body
 from shared.payload import decoder, error_path, release_time
 from shared.store import Incoming, Rejected, now_ms
 
@@ -45,51 +46,54 @@ def _is_json(content_type: str) -> bool:
 async def receive_exam_results(request: web.Request) -> web.Response:
     """POST /webhooks/exam-results-released.
 
-    The common case (credentials right, body complete with the headers, valid, queued)
-    runs in this one coroutine with no await but the group commit's: every coroutine level
-    and every lookup costs on the path that carries a cohort's burst. The rest is in helpers.
+    The common case (credentials right, a JSON body complete with the headers, valid,
+    queued) runs in this one coroutine with no await but the group commit's: every
+    coroutine level and every lookup costs on the path that carries a cohort's burst. The
+    rest (a body still arriving or compressed, every refusal) is in helpers.
     """
     app = request.app
     started = time.perf_counter()
-    metrics = app[METRICS]
     auth = app[AUTH]
     if auth.enabled:
         refused = _authenticate(request, auth)
         if refused is not None:
-            metrics.answered(refused.status)
-            return refused
-    receiver = app[SETTINGS].receiver
-    reservation = Reservation(app[INFLIGHT])
+            return _counted(app, refused)
+    headers = request.headers
+    content = request.content
+    if not (
+        headers.get("Content-Type") == "application/json"
+        and content.is_eof()
+        and request.content_length is not None
+        and "Content-Encoding" not in headers
+    ):
+        return _counted(app, await _read_then_accept(request, started))
+    # the body came with its headers: take it as it is
+    body = content.read_nowait()
+    size = len(body)
+    settings = app[SETTINGS].receiver
+    if size > settings.max_body_bytes:
+        return _counted(app, _too_large(settings.max_body_bytes))
+    budget = app[INFLIGHT]
+    if not budget.take(size):
+        return _counted(app, await _refused(request, busy()))
     try:
-        content = request.content
-        if (
-            content.is_eof()
-            and request.content_length is not None
-            and "Content-Encoding" not in request.headers
-            and _is_json(request.content_type)
-        ):
-            # the body came with its headers: take it as it is (sizes checked as read_body does)
-            body = content.read_nowait()
-            if len(body) > receiver.max_body_bytes:
-                response = json_response(
-                    {"error": "payload_too_large", "detail": f"limit is {receiver.max_body_bytes} bytes"}, 413
-                )
-            else:
-                reservation.grow_to(len(body))
-                response = await _accept(request, body, started)
-        else:
-            response = await _read_then_accept(request, reservation, started)
-    except Refusal as refusal:  # over the in-flight budget
-        response = await _refused(request, refusal)
+        identified = _identify(body, started, settings.max_future_skew_seconds)
+        if isinstance(identified, _Rejection):
+            return _counted(app, await _reject(request, body, *identified))
+        return _counted(app, await _queued(app, identified))
     finally:
-        reservation.close()
-    if response.status not in _COUNTED_PER_BATCH:
-        metrics.answered(response.status)
+        budget.give_back(size)
+
+
+def _counted(app: web.Application, response: web.Response) -> web.Response:
+    """Count an answer the group commit does not (it counts 202 and 200, once per batch)."""
+    if response.status not in (200, 202):
+        app[METRICS].answered(response.status)
     return response
 
 
-# 202 and 200 are counted by the group commit, once per batch
-_COUNTED_PER_BATCH = frozenset({200, 202})
+def _too_large(limit: int) -> web.Response:
+    return json_response({"error": "payload_too_large", "detail": f"limit is {limit} bytes"}, 413)
 
 
 def _authenticate(request: web.Request, auth: BasicAuth) -> web.Response | None:
@@ -106,27 +110,34 @@ def _authenticate(request: web.Request, auth: BasicAuth) -> web.Response | None:
     return None
 
 
-async def _read_then_accept(request: web.Request, reservation: Reservation, started: float) -> web.Response:
-    """Everything but the common case: a body still arriving, compressed, or not JSON."""
+async def _read_then_accept(request: web.Request, started: float) -> web.Response:
+    """Everything but the common case: a body still arriving or compressed, a Content-Type
+    to parse, or not JSON."""
     app = request.app
     if not _is_json(request.content_type):
         return json_response(
             {"error": "unsupported_media_type", "detail": "Content-Type must be application/json"}, 415
         )
     receiver = app[SETTINGS].receiver
+    reservation = Reservation(app[INFLIGHT])
     try:
-        wbits = encoding_of(request)
-        body = await read_body(
-            request, receiver.max_body_bytes, receiver.body_timeout_seconds, reservation, wbits
-        )
-    except Refusal as refusal:
-        if refusal.raw is not None:  # read, authenticated, not decodable: keep it
-            return await _reject(request, refusal.raw, refusal.error, refusal.detail, None, refusal.status)
-        return await _refused(request, refusal)
-    except ConnectionError:
-        log.debug("client went away mid-body")
-        return json_response({"error": "incomplete_body"}, 400)
-    return await _accept(request, body, started)
+        try:
+            wbits = encoding_of(request)
+            body = await read_body(
+                request, receiver.max_body_bytes, receiver.body_timeout_seconds, reservation, wbits
+            )
+        except Refusal as refusal:
+            if refusal.raw is not None:  # read, authenticated, not decodable: keep it
+                return await _reject(
+                    request, refusal.raw, refusal.error, refusal.detail, None, refusal.status
+                )
+            return await _refused(request, refusal)
+        except ConnectionError:
+            log.debug("client went away mid-body")
+            return json_response({"error": "incomplete_body"}, 400)
+        return await _accept(request, body, started)
+    finally:
+        reservation.close()
 
 
 async def _refused(request: web.Request, refusal: Refusal) -> web.Response:
@@ -147,33 +158,50 @@ async def _refused(request: web.Request, refusal: Refusal) -> web.Response:
 
 async def _accept(request: web.Request, body: bytes, started: float) -> web.Response:
     """Validate and queue a body that was read in full."""
-    app = request.app
-    try:
-        # msgspec skips unknown fields without decoding their strings: check UTF-8 here,
-        # since the body is forwarded byte for byte.
-        body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return await _reject(
-            request,
-            body,
-            "invalid_json",
-            f"body is not valid UTF-8: {exc.reason} at byte {exc.start}",
-            None,
-            400,
-        )
+    identified = _identify(body, started, request.app[SETTINGS].receiver.max_future_skew_seconds)
+    if isinstance(identified, _Rejection):
+        return await _reject(request, body, *identified)
+    return await _queued(request.app, identified)
+
+
+class _Rejection(NamedTuple):
+    """Why a body is refused: the arguments of :func:`_reject` after the body."""
+
+    error: str
+    detail: str
+    path: str | None
+    status: int
+
+
+def _identify(body: bytes, started: float, max_future_skew: float) -> Incoming | _Rejection:
+    """The body validated against the payload model and identified, or why it is refused."""
+    # msgspec skips unknown fields without decoding their strings: check UTF-8 here (ASCII
+    # needs no decoding), since the body is forwarded byte for byte
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return _Rejection(
+                "invalid_json", f"body is not valid UTF-8: {exc.reason} at byte {exc.start}", None, 400
+            )
     try:
         event = decoder.decode(body)
     except msgspec.ValidationError as exc:
         detail, path = error_path(exc)
-        return await _reject(request, body, "invalid_payload", detail, path, 422)
+        return _Rejection("invalid_payload", detail, path, 422)
     except msgspec.DecodeError as exc:
-        return await _reject(request, body, "invalid_json", str(exc), None, 400)
+        return _Rejection("invalid_json", str(exc), None, 400)
     except RecursionError:  # absurd nesting inside a field the model skips
-        return await _reject(request, body, "invalid_json", "JSON nested too deeply", None, 400)
-    released, problem = release_time(event, time.time(), app[SETTINGS].receiver.max_future_skew_seconds)
+        return _Rejection("invalid_json", "JSON nested too deeply", None, 400)
+    released, problem = release_time(event, time.time(), max_future_skew)
     if problem is not None:
-        return await _reject(request, body, "invalid_payload", problem, "$.attempt.audit.releasedAt", 422)
-    incoming = Incoming.of(event, body, released, started)
+        return _Rejection("invalid_payload", problem, "$.attempt.audit.releasedAt", 422)
+    return Incoming.of(event, body, released, started)
+
+
+async def _queued(app: web.Application, incoming: Incoming) -> web.Response:
+    """Queue an identified event through the group commit: 202 new, 200 duplicate, 503 when
+    Redis did not confirm."""
     try:
         accepted = await app[QUEUE].submit(incoming)
     except (RedisError, OSError) as exc:
@@ -182,7 +210,6 @@ async def _accept(request: web.Request, body: bytes, started: float) -> web.Resp
     outage = app[OUTAGE]
     if outage.active:
         outage.recovered()
-    # counted (answers, timings) and logged per batch by the group commit
     if accepted:
         return _answer(b'{"status":"accepted","event_id":"', incoming.event_id, 202)
     return _answer(b'{"status":"duplicate","event_id":"', incoming.event_id, 200)
