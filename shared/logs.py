@@ -10,6 +10,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -66,6 +67,39 @@ def configure_logging(level: str, *, json: bool | None = None) -> None:
     # arq logs every job at info; ours say more, without payload arguments.
     logging.getLogger("arq").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+REPEATED_WARNING_SECONDS = 30.0
+
+
+class Repeats:
+    """Rate limit for a warning that could repeat every poll (20 a second while Redis refuses
+    writes): the first of each kind is logged, then at most one per ``every`` seconds, with
+    the number of similar lines left out meanwhile."""
+
+    def __init__(
+        self, every: float = REPEATED_WARNING_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.every = every
+        self._clock = clock
+        self._next: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def due(self, kind: str) -> int | None:
+        """None when this warning should be left out; otherwise how many were left out since
+        the last one of its kind was logged."""
+        now = self._clock()
+        if now < self._next.get(kind, float("-inf")):
+            self._left_out[kind] = self._left_out.get(kind, 0) + 1
+            return None
+        self._next[kind] = now + self.every
+        return self._left_out.pop(kind, 0)
+
+    def warn(self, logger: logging.Logger, message: str, extra: dict[str, Any]) -> None:
+        """``logger.warning(message)``, unless one like it was logged less than ``every`` ago."""
+        left_out = self.due(message)
+        if left_out is not None:
+            logger.warning(message, extra={**extra, "similar_left_out": left_out} if left_out else extra)
 
 
 _ADDRESS_IN_TEXT_RE = re.compile(r"[^\s<>()\[\]\"',;:@]+@[A-Za-z0-9.-]+")

@@ -460,3 +460,57 @@ async def test_worker_with_a_wrong_redis_password_exits_with_a_clear_error(
         await authed.config_set("requirepass", "")
         await authed.aclose()
         server.stop()
+
+
+async def _refusals(admin: Redis) -> int:
+    """Error replies Redis has sent so far (every refused write is one)."""
+    return int((await admin.info("stats"))["total_error_replies"])
+
+
+async def test_a_worker_whose_redis_refuses_writes_warns_a_few_times_not_every_poll(
+    aiohttp_client: Any,
+    make_settings: Any,
+    sample_body: bytes,
+    destination: Destination,
+    private_valkey: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker whose Redis refuses every write for a while (full under ``noeviction``),
+    with a job due that it cannot claim, logs the trouble once and then at most once per
+    ``REPEATED_WARNING_SECONDS`` per kind, saying how many similar lines it left out, not
+    one warning per poll (20 a second at arq's poll delay)."""
+    admin = Redis.from_url(private_valkey)
+    settings = make_settings(
+        [http_integration(destination)],
+        redis={"url": private_valkey, "prefix": "refusing"},
+        worker={"poll_delay_seconds": 0.02},
+    )
+    keys = Keys("refusing")
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post_event(client, sample_body)
+    [job_id] = await admin.zrange(keys.queue, 0, -1)
+    await admin.zadd(keys.queue, {job_id: now_ms() + 60_000}, xx=True)  # not yet
+    try:
+        async with running_worker(settings) as (_, running):
+            await eventually(lambda: admin.hlen(keys.workers), timeout=15)  # it is up
+            caplog.clear()
+            before = await _refusals(admin)
+            await admin.zadd(keys.queue, {job_id: now_ms() + 1000}, xx=True)  # due in a second
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await admin.config_set("maxmemory", "1")  # from then on every poll tries and fails
+            await eventually(lambda: _refused_since(admin, before, 60), timeout=30, interval=0.05)
+            assert not running.done()
+            warnings = [
+                r for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("examhook")
+            ]
+            assert 1 <= len(warnings) <= 3, [r.getMessage() for r in warnings]
+            await admin.config_set("maxmemory", "0")
+            requests = await destination.wait_for_requests(1, timeout=15)
+            assert [r.headers["Idempotency-Key"] for r in requests] == [event_id]
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await admin.aclose()
+
+
+async def _refused_since(admin: Redis, before: int, count: int) -> bool:
+    return await _refusals(admin) - before >= count

@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.contract import DELIVER, HANDLE_EVENTS, Keys, job_deserializer, job_serializer
+from shared.logs import Repeats
 from shared.redis_check import advice, missing_permissions
 from shared.redis_conn import arq_pool, close_sentinels, redis_client
 from shared.settings import ConfigError, Settings
@@ -180,6 +181,11 @@ class ExamhookWorker(Worker):
     * At start it logs that it is waiting for Redis, and fails at once if Redis refuses it.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Warnings that could come every poll while Redis refuses writes: one per kind per 30 s.
+        self._repeats = Repeats()
+
     async def main(self) -> None:
         await self._wait_for_redis()
         await super().main()
@@ -306,7 +312,7 @@ class ExamhookWorker(Worker):
             await super()._poll_iteration()
         except (RedisError, OSError) as exc:
             # the next poll (poll_delay later) starts over; nothing queued is lost
-            log.warning("redis error in the poll loop; polling again", extra={"error": _describe(exc)})
+            self._repeats.warn(log, "redis error in the poll loop; polling again", {"error": _describe(exc)})
 
     async def run_job(self, job_id: str, score: int) -> None:
         """arq's ``run_job``; a Redis error in arq's own bookkeeping around the job (e.g. an OOM
@@ -315,9 +321,10 @@ class ExamhookWorker(Worker):
         try:
             await super().run_job(job_id, score)
         except (RedisError, OSError) as exc:
-            log.warning(
+            self._repeats.warn(
+                log,
                 "redis error around a job; it runs again after its lease",
-                extra={"job_id": job_id, "error": _describe(exc)},
+                {"job_id": job_id, "error": _describe(exc)},
             )
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
@@ -348,9 +355,10 @@ class ExamhookWorker(Worker):
             except (RedisError, OSError) as exc:
                 self.job_counter -= 1
                 self.sem.release()
-                log.warning(
+                self._repeats.warn(
+                    log,
                     "redis error claiming a job; it stays queued",
-                    extra={"job_id": job_id, "error": _describe(exc)},
+                    {"job_id": job_id, "error": _describe(exc)},
                 )
                 return  # Redis is in trouble: leave the rest of this batch to the next poll
             if score is None:  # running elsewhere, finished, or deferred meanwhile
