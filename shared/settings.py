@@ -361,11 +361,14 @@ def _check(settings: Settings, where: str) -> None:
         raise ConfigError(f"{where}receiver.basic_auth_user/basic_auth_password: set both or neither")
     _check_receiver(settings.receiver, where)
     if settings.worker.job_timeout_seconds is not None and settings.integrations:
-        slowest = max(i.timeout_seconds for i in settings.integrations)
-        if job_deadline_seconds(settings.worker.job_timeout_seconds) <= slowest:
+        from shared.timing import JobBudget
+
+        problems = JobBudget.of(settings).problems()
+        if problems:
             raise ConfigError(
-                f"{where}worker.job_timeout_seconds: too short for the slowest integration "
-                f"(timeout_seconds = {slowest:g}); the default (largest timeout + 10) is safe"
+                f"{where}worker.job_timeout_seconds: too short: "
+                + "; ".join(problems)
+                + " (the default, the largest timeout_seconds + 10, is safe)"
             )
     retention = settings.retention
     if retention.failure_seconds < retention.payload_seconds:
@@ -389,12 +392,6 @@ def _check_receiver(receiver: ReceiverConfig, where: str) -> None:
         )
     if receiver.metrics_token is not None and len(receiver.metrics_token) < 16:
         raise ConfigError(f"{where}receiver.metrics_token: too short (at least 16 characters)")
-
-
-def job_deadline_seconds(job_timeout: float) -> float:
-    """How long one run of a job may take before examhook gives up on it (and keeps the job),
-    safely before arq's own job timeout, which would drop it."""
-    return job_timeout - 3.0 if job_timeout >= 15 else job_timeout * 0.8
 
 
 def _valid_whsec(secret: str) -> bool:

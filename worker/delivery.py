@@ -30,8 +30,9 @@ from redis.exceptions import RedisError
 from shared.contract import DELIVER, MAX_EVENTS_PER_JOB, Keys, encode_job, pair_member, released_ms
 from shared.logs import scrub
 from shared.payload import ExamResultsReleased, decoder
-from shared.settings import Settings, When, job_deadline_seconds
+from shared.settings import Settings, When
 from shared.store import AttemptRecord, Claim, OutcomeRecord, Store, new_token, now_ms
+from shared.timing import BACKSTOP_SECONDS, RECOVERY_GRACE_MS, RELEASE_WAIT_SECONDS, JobBudget
 from worker.decisions import Decision, decide
 from worker.filters import matches
 from worker.integrations.base import (
@@ -54,14 +55,6 @@ log = logging.getLogger("examhook.worker")
 INLINE_WAIT_SECONDS = 0.1
 # A job handed on for one integration waits for its lane up to this long.
 HANDED_ON_WAIT_SECONDS = 2.0
-# A claim that finds a pair's previous attempt unfinished waits this long before sending it
-# again: the worker that sent it may still be alive and about to record its outcome.
-RECOVERY_GRACE_MS = 5000
-# How long a send may overrun its integration's own timeout before it is cut (a backstop:
-# every integration enforces timeout_seconds itself).
-BACKSTOP_SECONDS = 5.0
-# How long a cancelled attempt waits for its lock to be released.
-RELEASE_WAIT_SECONDS = 0.2
 EXPIRED_ERROR = "payload expired before delivery (retention.payload_seconds)"
 
 OutcomeState = Literal["delivered", "retry", "failed", "skipped", "waiting"]
@@ -91,21 +84,19 @@ class Deliverer:
         self.keys: Keys = store.keys
         self.integrations = integrations
         self.metrics = metrics
-        self.lock_ttl_ms = int(settings.job_timeout_seconds * 1000)
+        # the time limits and how they nest: shared/timing.py
+        self.budget = JobBudget.of(settings).check()
+        self.lock_ttl_ms = self.budget.lock_ttl_ms
         self.lanes = {
             name: Lane(name, i.config.lane_capacity(concurrency)) for name, i in integrations.items()
         }
-        self.journal = OutcomeJournal(store, lock_ttl_ms=self.lock_ttl_ms)
+        self.journal = OutcomeJournal(
+            store, lock_ttl_ms=self.lock_ttl_ms, keep_locks_every=self.budget.keep_locks_every
+        )
         metrics.outcomes_waiting.set_function(lambda: self.journal.waiting)
         # with no filter anywhere, every integration takes every event: no need to read the body first
         self._all_take_all = all(i.config.when == When() for i in integrations.values())
-        # What one attempt may take: the integration's timeout, plus claim and record (up to
-        # 1 s, less when the job's run leaves less: a run always has room for one).
-        run = job_deadline_seconds(settings.job_timeout_seconds)
-        self.attempt_seconds: dict[str, float] = {
-            name: i.config.timeout_seconds + min(1.0, max(0.0, run - i.config.timeout_seconds) / 2)
-            for name, i in integrations.items()
-        }
+        self.attempt_seconds = self.budget.attempts
         self._stop_starting_at: float | None = None  # loop time: shutdown grace ends
         self._in_flight: set[asyncio.Future[Outcome]] = set()  # attempts sending now
         # what a shutdown had to cut (for its log line)

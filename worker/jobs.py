@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 from arq import Retry
 
-from shared.settings import Settings, job_deadline_seconds
+from shared.settings import Settings
+from shared.timing import job_deadline_seconds
 from worker.delivery import Deliverer
 
 log = logging.getLogger("examhook.worker")

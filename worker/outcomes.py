@@ -39,11 +39,11 @@ class _Pending:
 
 
 class OutcomeJournal:
-    def __init__(self, store: Store, *, lock_ttl_ms: int) -> None:
+    def __init__(self, store: Store, *, lock_ttl_ms: int, keep_locks_every: float) -> None:
         self.store = store
         self.lock_ttl_ms = lock_ttl_ms
         # how often the locks of waiting outcomes are extended: well inside their TTL
-        self.keep_locks_every = max(0.5, min(lock_ttl_ms / 3000, 10.0))
+        self.keep_locks_every = keep_locks_every
         self._pending: list[_Pending] = []
         self._writer: asyncio.Task[None] | None = None
 
