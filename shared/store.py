@@ -471,14 +471,25 @@ class Store:
     # -- operators ---------------------------------------------------------------------
 
     async def requeue_failures(self, pairs: list[tuple[str, str]]) -> tuple[int, int]:
-        """Queue failed pairs again; returns (queued, skipped)."""
+        """Queue failed pairs again; returns (queued, skipped). See retry.lua."""
         queued = skipped = 0
         now = now_ms()
+        k = self.keys
         for start in range(0, len(pairs), 500):
-            args: list[Any] = [self.keys.prefix, now, self.payload_ttl_ms]
+            keys: list[str] = [k.failures, k.queue]
+            args: list[Any] = [now, self.payload_ttl_ms]
             for event_id, integration in pairs[start : start + 500]:
-                args += [event_id, integration, encode_job(DELIVER, (event_id, integration), now)]
-            q, s = await self._retry(args=args)
+                job_id = k.deliver_job_id(event_id, integration)
+                keys += [
+                    k.delivered(event_id, integration),
+                    k.pair(event_id, integration),
+                    k.event(event_id),
+                    k.in_progress(job_id),
+                    k.job(job_id),
+                ]
+                job = encode_job(DELIVER, (event_id, integration), now)
+                args += [pair_member(event_id, integration), job_id, job]
+            q, s = await self._retry(keys=keys, args=args)
             queued += int(q)
             skipped += int(s)
         return queued, skipped
@@ -499,13 +510,23 @@ class Store:
         return event_id, int(score), await self.redis.get(self.keys.event(event_id))
 
     async def purge_failures(self, pairs: list[tuple[str, str]]) -> int:
-        """Forget failed pairs; returns how many failures were removed."""
+        """Forget failed pairs; returns how many failures were removed. See purge.lua."""
         removed = 0
+        k = self.keys
         for start in range(0, len(pairs), 500):
-            args: list[Any] = [self.keys.prefix]
+            keys: list[str] = [k.failures, k.queue]
+            args: list[Any] = []
             for event_id, integration in pairs[start : start + 500]:
-                args += [event_id, integration]
-            removed += int(await self._purge(args=args))
+                job_id = k.deliver_job_id(event_id, integration)
+                keys += [
+                    k.pair(event_id, integration),
+                    k.attempts(event_id, integration),
+                    k.in_progress(job_id),
+                    k.job(job_id),
+                    k.job_retry(job_id),
+                ]
+                args += [pair_member(event_id, integration), job_id]
+            removed += int(await self._purge(keys=keys, args=args))
         return removed
 
 

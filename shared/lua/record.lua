@@ -60,7 +60,7 @@ if token ~= '' and redis.call('HSETNX', pair_key, 'r:' .. token, '1') == 0 then
 end
 
 redis.call('RPUSH', attempts_key, attempt_json)
-local n = redis.call('HINCRBY', pair_key, 'attempts', 1)
+local attempt_number = redis.call('HINCRBY', pair_key, 'attempts', 1)
 redis.call('HINCRBY', pair_key, 'total_attempts', 1)
 redis.call('HSET', pair_key, 'inflight', '0', 'maybe_sent', maybe_sent, 'status', outcome,
            'last_attempt_at', now, 'last_error', last_error)
@@ -100,4 +100,4 @@ else
   end
 end
 if redis.call('GET', lock_key) == token then redis.call('DEL', lock_key) end
-return n
+return attempt_number
