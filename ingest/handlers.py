@@ -262,7 +262,7 @@ async def readyz(request: web.Request) -> web.Response:
     answer every webhook with 503."""
     app = request.app
     try:
-        await app[REDIS].set(app[STORE].keys.prefix + ":readyz", b"1", px=10_000)
+        await app[REDIS].set(app[STORE].keys.readyz, b"1", px=10_000)
     except ResponseError:
         return json_response({"status": "not_ready", "redis": "not_writable"}, 503)
     except (RedisError, OSError):

@@ -146,6 +146,7 @@ class Keys:
         self.exams = f"{prefix}:exams"
         self.workers = f"{prefix}:workers"
         self.health_check = f"{prefix}:queue{health_check_key_suffix}"
+        self.readyz = f"{prefix}:readyz"  # the receiver's /readyz write probe (10 s)
         # prefixes the Lua scripts complete themselves (the attempt id is read from Redis)
         self.releases_prefix = f"{prefix}:releases:"
         # job ids are made inside ingest.lua: P:b<count>-<token>-<n>
@@ -211,7 +212,18 @@ class Keys:
 
     @property
     def in_progress_pattern(self) -> str:
+        """SCAN pattern of arq's in-progress keys of our jobs."""
         return f"{in_progress_key_prefix}{self.prefix}:*"
+
+    @staticmethod
+    def job_id_in_progress(key: str) -> str:
+        """The job id of an arq in-progress key."""
+        return key.removeprefix(in_progress_key_prefix)
+
+    @property
+    def event_pattern(self) -> str:
+        """SCAN pattern of queued bodies (``P:event:E``)."""
+        return f"{self.prefix}:event:*"
 
     def new_fanout_job_id(self, count: int, integration: str | None = None) -> str:
         """A fresh ``handle_events`` job id for ``count`` events: ``P:b<count>-<random>``, or

@@ -34,7 +34,7 @@ async def fanout_batches(redis: Redis, keys: Keys) -> AsyncIterator[tuple[str, b
     job decoded; its events are ``job["a"][0]``, one ``[E, attempt_id, released_ms]`` each)."""
     for raw_id in await redis.zrange(keys.queue, 0, -1):
         job_id = raw_id.decode()
-        if keys.is_fanout_batch(job_id) and (raw := await redis.get(f"arq:job:{job_id}")) is not None:
+        if keys.is_fanout_batch(job_id) and (raw := await redis.get(keys.job(job_id))) is not None:
             yield job_id, raw, job_deserializer(raw)
 
 
@@ -89,8 +89,8 @@ class Inspector:
         now = now_ms()
         entries = await self.redis.zrange(k.queue, 0, -1, withscores=True)
         in_progress_ids = {
-            key.decode().removeprefix("arq:in-progress:")
-            async for key in self.redis.scan_iter(match=f"arq:in-progress:{k.prefix}:*", count=1000)
+            k.job_id_in_progress(key.decode())
+            async for key in self.redis.scan_iter(match=k.in_progress_pattern, count=1000)
         }
         per: dict[str, dict[str, int]] = {}
 
@@ -204,7 +204,7 @@ class Inspector:
         """Everything known about one event: payload, and per integration its state and attempts."""
         k = self.keys
         body = await self.redis.get(k.event(event_id))
-        pattern = f"{k.prefix}:pair:{event_id}:{integration or '*'}"
+        pattern = k.pair_pattern(event_id, integration or "*")
         pair_keys = sorted([key.decode() async for key in self.redis.scan_iter(match=pattern, count=1000)])
         if body is None and not pair_keys:
             return None

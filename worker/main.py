@@ -11,7 +11,6 @@ from typing import Any
 
 import aiohttp
 from arq import func
-from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.exceptions import AuthenticationError, RedisError, ResponseError, WatchError
@@ -185,6 +184,7 @@ class ExamhookWorker(Worker):
         super().__init__(*args, **kwargs)
         # Warnings that could come every poll while Redis refuses writes: one per kind per 30 s.
         self._repeats = Repeats()
+        self._keys = Keys(self.ctx["settings"].redis.prefix)
 
     async def main(self) -> None:
         await self._wait_for_redis()
@@ -338,7 +338,7 @@ class ExamhookWorker(Worker):
           and leaves the job queued for the next poll; arq's own leaks the slot and lets the
           error end the worker."""
         deliverer: Deliverer | None = self.ctx.get("deliverer")
-        keys = Keys(self.ctx["settings"].redis.prefix)
+        keys = self._keys
         for job_id_b in job_ids:
             if deliverer is not None:
                 lane = deliverer.lanes.get(keys.lane_of(job_id_b.decode()) or "")
@@ -372,7 +372,7 @@ class ExamhookWorker(Worker):
     async def _claim(self, job_id: str) -> int | None:
         """Mark the job in progress (as arq does: WATCH, check, MULTI/EXEC); its score, or None
         if another worker has it or it is no longer due."""
-        in_progress_key = in_progress_key_prefix + job_id
+        in_progress_key = self._keys.in_progress(job_id)
         async with self.pool.pipeline(transaction=True) as pipe:
             await pipe.watch(in_progress_key)
             ongoing_exists = await pipe.exists(in_progress_key)

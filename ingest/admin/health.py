@@ -54,7 +54,7 @@ async def recent_health(
     max_scan_calls: int = MAX_SCAN_CALLS,
 ) -> HealthReport:
     redis = inspector.redis
-    pattern = f"{inspector.keys.prefix}:pair:*"
+    pattern = inspector.keys.pair_pattern()
     keys: list[bytes] = []
     cursor: int = 0
     calls = 0
