@@ -24,14 +24,13 @@ import io
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any, Literal, cast
 
 import msgspec
 
 from shared.inspection import iso
-from shared.payload import CustomValue, ExamResultsReleased, decoder
+from shared.payload import CustomValue, ExamResultsReleased, decoder, parse_time
 from shared.settings import Integration, When
 from shared.store import Store, now_ms
 from worker.filters import matches
@@ -309,13 +308,8 @@ class Reporter:
 
 def _ms_of(released_at: str) -> int:
     """``releasedAt`` as epoch ms, as :func:`shared.contract.released_ms` reads it."""
-    try:
-        moment = datetime.fromisoformat(released_at)
-    except ValueError:
-        return 0
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
+    moment = parse_time(released_at)
+    return int(moment.timestamp() * 1000) if moment is not None else 0
 
 
 def _row(event: _Event, states: dict[str, str]) -> ReportRow:

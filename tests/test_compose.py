@@ -417,7 +417,7 @@ def test_dockerignore_keeps_secrets_and_clutter_out_of_the_build_context() -> No
     assert not dockerignore_excludes("pyproject.toml")
     assert not dockerignore_excludes(pyproject["project"]["readme"])
     assert not dockerignore_excludes("shared/lua/ingest.lua")
-    assert not dockerignore_excludes("worker/integrations/templates/email_text.txt")
+    assert not dockerignore_excludes("worker/integrations/email/templates/email_text.txt")
     for path in (
         ".env",
         "examhook.toml",

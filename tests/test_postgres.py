@@ -27,7 +27,7 @@ import pytest
 
 from ingest.app import WEBHOOK_PATH, create_app
 from shared.contract import event_id
-from shared.payload import decoder
+from shared.payload import decoder, parse_time
 from shared.settings import ConfigError, PostgresIntegration, Settings, settings_from_dict
 from tests.conftest import eventually
 from worker.integrations.base import Delivery, PermanentError, TransientError
@@ -36,7 +36,6 @@ from worker.integrations.postgres import (
     PostgresDelivery,
     classify,
     ddl,
-    parse_time,
 )
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 
-from shared.payload import ExamResultsReleased
+from shared.payload import ExamResultsReleased, parse_time
 from shared.settings import PostgresIntegration, mask_url
 from worker.integrations.base import Delivery, Integration, PermanentError, TransientError
 
@@ -150,15 +149,6 @@ def upsert_sql(table: str = "exam_results") -> str:
         f"ON CONFLICT (attempt_id, released_at) DO UPDATE SET {updates}, updated_at = now()\n"
         "RETURNING (xmax = 0) AS inserted"
     )
-
-
-def parse_time(value: str) -> datetime | None:
-    """An ISO 8601 string as an aware datetime (naive ones are taken as UTC); None if unreadable."""
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def safe_mask(dsn: str) -> str:
