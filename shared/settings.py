@@ -25,6 +25,33 @@ PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 
 
+# A setting that is a secret: masked by ``check-config`` and the admin pages, searched for
+# and redacted in what /admin shows. Marked here, once, on the field's type.
+Secret = Annotated[str, msgspec.Meta(extra={"secret": True})]
+
+
+class SigningSecret:
+    """A Standard Webhooks signing secret (``whsec_`` + base64 key), parsed once: the key
+    bytes for signing, the text for redaction."""
+
+    __slots__ = ("key", "text")
+
+    def __init__(self, text: str) -> None:
+        import base64
+        import binascii
+
+        if not text.startswith("whsec_"):
+            raise ValueError("must be whsec_ followed by base64")
+        try:
+            key = base64.b64decode(text.removeprefix("whsec_"), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("must be whsec_ followed by base64") from None
+        if not key:
+            raise ValueError("must be whsec_ followed by base64")
+        self.key = key
+        self.text = text
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which key and why."""
 
@@ -79,8 +106,8 @@ class IntegrationBase(Base, tag_field="type", kw_only=True, frozen=True):
 
 class HttpIntegration(IntegrationBase, tag="http", kw_only=True, frozen=True):
     url: str
-    headers: dict[str, str] = {}
-    signing_secret: str | None = None
+    headers: dict[str, Secret] = {}
+    signing_secret: Secret | None = None
 
 
 class FileIntegration(IntegrationBase, tag="file", kw_only=True, frozen=True):
@@ -96,7 +123,7 @@ class EmailIntegration(IntegrationBase, tag="email", kw_only=True, frozen=True):
     smtp_port: int | None = None  # 587 for starttls/none, 465 for implicit TLS
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     username: str | None = None
-    password: str | None = None
+    password: Secret | None = None
     from_address: str = msgspec.field(name="from")
     reply_to: str | None = None
     bcc: list[str] = []
@@ -155,7 +182,7 @@ class ReceiverConfig(Base, frozen=True):
     host: str = "0.0.0.0"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     basic_auth_user: str | None = None
-    basic_auth_password: str | None = None
+    basic_auth_password: Secret | None = None
     max_body_bytes: PositiveInt = 1024 * 1024
     # Coalesce concurrent requests' writes into one Redis round trip of at most this many
     # events and (past the first event) this many body bytes.
@@ -175,7 +202,7 @@ class ReceiverConfig(Base, frozen=True):
     auth_failures_per_address: PositiveInt = 20
     auth_failures_total: PositiveInt = 100
     # Bearer token Prometheus may scrape /metrics with (the Basic credentials work too).
-    metrics_token: str | None = None
+    metrics_token: Secret | None = None
 
 
 class WorkerConfig(Base, frozen=True):
@@ -209,7 +236,7 @@ class Settings(Base, frozen=True):
     worker: WorkerConfig = WorkerConfig()
     retention: RetentionConfig = RetentionConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    admin_token: str | None = None
+    admin_token: Secret | None = None
     integrations: list[Integration] = []
     # Where the file came from, for messages; not a TOML key.
     source: str | None = None
@@ -331,9 +358,11 @@ def _check(settings: Settings, where: str) -> None:
             parts = urlsplit(integration.url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError(f"{where}{key}.url: must be an http:// or https:// URL")
-            secret = integration.signing_secret
-            if secret is not None and not _valid_whsec(secret):
-                raise ConfigError(f"{where}{key}.signing_secret: must be whsec_ followed by base64")
+            if integration.signing_secret is not None:
+                try:
+                    SigningSecret(integration.signing_secret)
+                except ValueError as exc:
+                    raise ConfigError(f"{where}{key}.signing_secret: {exc}") from None
         if isinstance(integration, PostgresIntegration):
             if not integration.dsn.startswith(("postgres://", "postgresql://")):
                 raise ConfigError(f"{where}{key}.dsn: must be a postgresql:// URL")
@@ -394,18 +423,6 @@ def _check_receiver(receiver: ReceiverConfig, where: str) -> None:
         raise ConfigError(f"{where}receiver.metrics_token: too short (at least 16 characters)")
 
 
-def _valid_whsec(secret: str) -> bool:
-    import base64
-    import binascii
-
-    if not secret.startswith("whsec_"):
-        return False
-    try:
-        return len(base64.b64decode(secret.removeprefix("whsec_"), validate=True)) > 0
-    except (binascii.Error, ValueError):
-        return False
-
-
 def _substitute(value: Any, env: Mapping[str, str], key: str) -> Any:
     if isinstance(value, str):
 
@@ -423,7 +440,74 @@ def _substitute(value: Any, env: Mapping[str, str], key: str) -> Any:
     return value
 
 
-SECRET_KEYS = {"basic_auth_password", "signing_secret", "password", "admin_token", "metrics_token"}
+def _is_secret(kind: Any) -> bool:
+    return bool(getattr(kind, "extra", None) and kind.extra.get("secret"))
+
+
+def _secret_fields() -> tuple[frozenset[str], frozenset[str]]:
+    """Names of the settings fields marked :data:`Secret`: (those whose value is secret, those
+    whose every dict value is secret), read off the Structs themselves."""
+    import msgspec.inspect as mi
+
+    plain: set[str] = set()
+    mapping: set[str] = set()
+    seen: set[type] = set()
+    todo: list[Any] = [mi.type_info(Settings)]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, mi.StructType):
+            if node.cls in seen:
+                continue
+            seen.add(node.cls)
+            for field in node.fields:
+                kinds = field.type.types if isinstance(field.type, mi.UnionType) else (field.type,)
+                for kind in kinds:
+                    if _is_secret(kind):
+                        plain.add(field.name)
+                    elif isinstance(kind, mi.DictType) and _is_secret(kind.value_type):
+                        mapping.add(field.name)
+                    todo.append(kind)
+        elif isinstance(node, mi.UnionType):
+            todo.extend(node.types)
+        elif isinstance(node, mi.ListType):
+            todo.append(node.item_type)
+    return frozenset(plain), frozenset(mapping)
+
+
+SECRET_KEYS, SECRET_MAPPINGS = _secret_fields()
+
+
+def secret_values(settings: Settings) -> set[str]:
+    """Every secret these settings hold: the values of fields marked :data:`Secret` (and of
+    each secret mapping, with the credential of a ``Bearer xyz`` alone), a signing secret's
+    bare key, and the password in any URL or DSN."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in SECRET_KEYS and isinstance(item, str):
+                    found.add(item)
+                    if key == "signing_secret":
+                        found.add(item.removeprefix("whsec_"))
+                elif key in SECRET_MAPPINGS and isinstance(item, dict):
+                    for text in item.values():
+                        found.update((text, text.rsplit(" ", 1)[-1]))
+                elif key in ("url", "dsn") and isinstance(item, str):
+                    try:
+                        password = urlsplit(item).password
+                    except ValueError:
+                        password = None
+                    if password:
+                        found.add(password)
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(msgspec.to_builtins(settings))
+    return {s for s in found if s}
 
 
 def masked(settings: Settings) -> dict[str, Any]:
@@ -436,7 +520,7 @@ def _mask(value: Any, key: str = "") -> Any:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for k, v in value.items():
-            if k == "headers" and isinstance(v, dict):
+            if k in SECRET_MAPPINGS and isinstance(v, dict):
                 out[k] = {hk: "***" for hk in v}
             elif k in SECRET_KEYS and v is not None:
                 out[k] = "***"

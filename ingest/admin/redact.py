@@ -6,41 +6,14 @@ elsewhere; every value rendered by the templates goes through :func:`Redactor.__
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
-from shared.settings import EmailIntegration, HttpIntegration, PostgresIntegration, Settings
+from shared.settings import Settings, secret_values
 
 MIN_LENGTH = 4  # shorter "secrets" would blot out ordinary text
 
 
-def _url_password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
-
-
 def secrets_of(settings: Settings) -> list[str]:
-    found: list[str | None] = [
-        settings.receiver.basic_auth_password,
-        settings.receiver.metrics_token,
-        settings.admin_token,
-        _url_password(settings.redis.url),
-    ]
-    for integration in settings.integrations:
-        if isinstance(integration, HttpIntegration):
-            found.append(integration.signing_secret)
-            if integration.signing_secret:
-                found.append(integration.signing_secret.removeprefix("whsec_"))
-            found.append(_url_password(integration.url))
-            for value in integration.headers.values():
-                found.append(value)
-                found.append(value.rsplit(" ", 1)[-1])  # the credential in "Bearer xyz"
-        elif isinstance(integration, EmailIntegration):
-            found.append(integration.password)
-        elif isinstance(integration, PostgresIntegration):
-            found.append(_url_password(integration.dsn))
-    unique = {s for s in found if s and len(s) >= MIN_LENGTH}
+    """The settings' secrets worth searching for (see :func:`shared.settings.secret_values`)."""
+    unique = {s for s in secret_values(settings) if len(s) >= MIN_LENGTH}
     return sorted(unique, key=len, reverse=True)  # longest first: a secret may contain another
 
 

@@ -12,17 +12,16 @@ from email.utils import parsedate_to_datetime
 
 import aiohttp
 
-from shared.settings import HttpIntegration
+from shared.settings import HttpIntegration, SigningSecret
 from worker.integrations.base import Delivery, Integration, PermanentError, TransientError, UnknownOutcome
 
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 MAX_ERROR_BODY = 200
 
 
-def sign(secret: str, msg_id: str, timestamp: str, body: bytes) -> str:
-    """Standard Webhooks ``v1`` signature of ``id.timestamp.body`` with a ``whsec_`` secret."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+def sign(secret: SigningSecret, msg_id: str, timestamp: str, body: bytes) -> str:
+    """Standard Webhooks ``v1`` signature of ``id.timestamp.body``."""
+    mac = hmac.new(secret.key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
     return "v1," + base64.b64encode(mac).decode()
 
 
@@ -44,6 +43,8 @@ class HttpDelivery(Integration[HttpIntegration]):
         super().__init__(config)
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_seconds)
+        # parsed once (settings validated it)
+        self.signing_secret = SigningSecret(config.signing_secret) if config.signing_secret else None
 
     async def deliver(self, delivery: Delivery) -> str:
         headers = {
@@ -52,11 +53,11 @@ class HttpDelivery(Integration[HttpIntegration]):
             "Idempotency-Key": delivery.event_id,
             "webhook-id": delivery.event_id,
         }
-        if self.config.signing_secret:
+        if self.signing_secret is not None:
             timestamp = str(int(time.time()))
             headers["webhook-timestamp"] = timestamp
             headers["webhook-signature"] = sign(
-                self.config.signing_secret, delivery.event_id, timestamp, delivery.body
+                self.signing_secret, delivery.event_id, timestamp, delivery.body
             )
         try:
             async with self.session.post(
