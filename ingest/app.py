@@ -8,11 +8,11 @@ from aiohttp import web
 
 from ingest import handlers
 from ingest.admin import setup_admin
-from ingest.appkeys import AUTH, INFLIGHT, METRICS, OUTAGE, PROXY, QUEUE, REDIS, SETTINGS, STORE
+from ingest.appkeys import AUTH, GROUP_COMMIT, INFLIGHT, METRICS, OUTAGE, PROXY, REDIS, SETTINGS, STORE
 from ingest.auth import BasicAuth
-from ingest.batching import GroupCommit
 from ingest.body import InflightBudget
 from ingest.edgelog import OutageLog, quiet_client_mistakes
+from ingest.group_commit import GroupCommit
 from ingest.metrics import ReceiverMetrics
 from ingest.proxy import ClientResolver
 from shared.contract import Keys
@@ -67,13 +67,13 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = redis
     app[STORE] = store
     receiver = settings.receiver
-    app[QUEUE] = GroupCommit(
+    app[GROUP_COMMIT] = GroupCommit(
         store, receiver.max_batch, app[METRICS], max_batch_bytes=receiver.max_batch_bytes
     )
     yield
     # every request already waiting on Redis gets its answer before the client closes
-    waiting = app[QUEUE].waiting
-    await app[QUEUE].drain()
+    waiting = app[GROUP_COMMIT].waiting
+    await app[GROUP_COMMIT].drain()
     await redis.aclose()
     handlers.log.info("receiver stopped", extra={"drained_events": waiting})
 

@@ -6,9 +6,9 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from ingest.auth import BasicAuth
-from ingest.batching import GroupCommit
 from ingest.body import InflightBudget
 from ingest.edgelog import OutageLog
+from ingest.group_commit import GroupCommit
 from ingest.metrics import ReceiverMetrics
 from ingest.proxy import ClientResolver
 from shared.settings import Settings
@@ -17,7 +17,7 @@ from shared.store import Store
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)
 STORE = web.AppKey("store", Store)
-QUEUE = web.AppKey("queue", GroupCommit)
+GROUP_COMMIT = web.AppKey("group_commit", GroupCommit)
 AUTH = web.AppKey("auth", BasicAuth)
 METRICS = web.AppKey("metrics", ReceiverMetrics)
 INFLIGHT = web.AppKey("inflight", InflightBudget)

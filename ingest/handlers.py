@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError, ResponseError
 
-from ingest.appkeys import AUTH, INFLIGHT, METRICS, OUTAGE, PROXY, QUEUE, REDIS, SETTINGS, STORE
+from ingest.appkeys import AUTH, GROUP_COMMIT, INFLIGHT, METRICS, OUTAGE, PROXY, REDIS, SETTINGS, STORE
 from ingest.auth import BasicAuth, too_many_failures, unauthorized
 from ingest.body import Refusal, Reservation, busy, encoding_of, read_body
 from shared.payload import decoder, error_path, release_time
@@ -203,7 +203,7 @@ async def _queued(app: web.Application, incoming: Incoming) -> web.Response:
     """Queue an identified event through the group commit: 202 new, 200 duplicate, 503 when
     Redis did not confirm."""
     try:
-        accepted = await app[QUEUE].submit(incoming)
+        accepted = await app[GROUP_COMMIT].submit(incoming)
     except (RedisError, OSError) as exc:
         app[OUTAGE].failed(exc.__class__.__name__)  # one line per outage, not per request
         return queue_unavailable()

@@ -75,7 +75,7 @@ _msgpack_decoder = msgspec.msgpack.Decoder()
 _json_encoder = msgspec.json.Encoder()
 
 
-def event_id(event: ExamResultsReleased) -> str:
+def event_id_of(event: ExamResultsReleased) -> str:
     """The event's identity: ``meta.eventName`` + ``attempt.id`` + ``attempt.audit.releasedAt``.
 
     A resend with another ``meta.timestamp`` gets the same id (a duplicate); a re-release

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from shared.contract import event_id as compute_event_id
+from shared.contract import event_id_of
 from shared.payload import decoder, error_path
 from shared.settings import EmailIntegration, Settings
 from shared.store import Store
@@ -125,7 +125,7 @@ def build_preview(config: EmailIntegration, body: bytes, earlier: EarlierRelease
         raise PreviewError(f"the body does not fit the payload model at {path}: {detail}") from None
     except msgspec.DecodeError as exc:
         raise PreviewError(f"the body is not JSON: {exc}") from None
-    event_id = compute_event_id(event)
+    event_id = event_id_of(event)
     try:
         message, sender, recipients = EmailDelivery(config).build_message(Delivery(event_id, body, event, 1))
         subject, text, html = render_templates(config, event, event_id, earlier)

@@ -31,7 +31,7 @@ import msgspec
 
 from shared.inspection import iso
 from shared.payload import CustomValue, ExamResultsReleased, decoder, parse_time
-from shared.settings import Integration, When
+from shared.settings import IntegrationConfig, When
 from shared.store import Store, now_ms
 from worker.filters import matches
 
@@ -105,7 +105,7 @@ class Target:
     when: When = field(default_factory=When)
 
     @classmethod
-    def of(cls, integrations: Iterable[Integration]) -> list[Target]:
+    def of(cls, integrations: Iterable[IntegrationConfig]) -> list[Target]:
         return [cls(i.name, i.when) for i in integrations]
 
 

@@ -169,7 +169,8 @@ class PostgresIntegration(IntegrationBase, tag="postgres", kw_only=True, frozen=
         return min(self.concurrency or self.pool_max_size, self.pool_max_size)
 
 
-Integration = HttpIntegration | FileIntegration | EmailIntegration | PostgresIntegration
+# One integration's configuration (the runtime side is worker.integrations.base.Integration).
+IntegrationConfig = HttpIntegration | FileIntegration | EmailIntegration | PostgresIntegration
 
 
 class RedisConfig(Base, frozen=True):
@@ -237,11 +238,11 @@ class Settings(Base, frozen=True):
     retention: RetentionConfig = RetentionConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     admin_token: Secret | None = None
-    integrations: list[Integration] = []
+    integrations: list[IntegrationConfig] = []
     # Where the file came from, for messages; not a TOML key.
     source: str | None = None
 
-    def integration(self, name: str) -> Integration | None:
+    def integration(self, name: str) -> IntegrationConfig | None:
         return next((i for i in self.integrations if i.name == name), None)
 
     @property

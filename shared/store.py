@@ -22,6 +22,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared import contract
 from shared.contract import (
     DELIVER,
     HANDLE_EVENTS,
@@ -32,8 +33,6 @@ from shared.contract import (
     fanout_job_template,
     pair_member,
 )
-from shared.contract import event_id as identify
-from shared.contract import released_ms as release_time
 from shared.payload import ExamResultsReleased
 from shared.redis_conn import SOCKET_TIMEOUT_SECONDS
 from shared.settings import RetentionConfig
@@ -78,8 +77,8 @@ class Incoming:
     ) -> Incoming:
         """The decoded ``event`` as received in ``body``, with its identity (``released_ms``:
         its release time, when the caller has it already)."""
-        released = release_time(event) if released_ms is None else released_ms
-        return cls(identify(event), event.attempt.id, released, body, event.exam.id, started)
+        released = contract.released_ms(event) if released_ms is None else released_ms
+        return cls(contract.event_id_of(event), event.attempt.id, released, body, event.exam.id, started)
 
 
 ClaimState = Literal[

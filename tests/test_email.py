@@ -19,7 +19,7 @@ import msgspec
 import pytest
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from shared.contract import Keys, event_id
+from shared.contract import Keys, event_id_of
 from shared.payload import ExamResultsReleased, decoder
 from shared.settings import EmailIntegration
 from tests.conftest import eventually
@@ -66,7 +66,7 @@ def config(port: int, **overrides: Any) -> EmailIntegration:
 
 
 def delivery(event: ExamResultsReleased) -> Delivery:
-    return Delivery(event_id(event), msgspec.json.encode(event), event, attempt=1)
+    return Delivery(event_id_of(event), msgspec.json.encode(event), event, attempt=1)
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ async def test_sends_confirmation_with_headers_and_both_parts(
     assert received.mail_from == FROM
     assert received.rcpt_tos == [LEARNER]
     message = received.message
-    evt = event_id(event)
+    evt = event_id_of(event)
     assert message["To"] == f"Ada Lovelace <{LEARNER}>"
     assert message["From"] == f"Acme Results <{FROM}>"
     assert message["Reply-To"] == "help@acme.example.org"
@@ -583,7 +583,7 @@ async def test_end_to_end_through_receiver_and_worker(
     assert response.status < 300, await response.text()
     await start_worker(settings)
     [received] = await smtp.handler.wait_for(1)
-    evt = event_id(decoder.decode(sample_body))
+    evt = event_id_of(decoder.decode(sample_body))
     assert received.rcpt_tos == [LEARNER]
     assert received.message["X-Examhook-Event-Id"] == evt
 

@@ -18,7 +18,7 @@ import redis as sync_redis
 from redis.asyncio import Redis
 
 from ingest.app import WEBHOOK_PATH, create_app
-from shared.contract import Keys, event_id
+from shared.contract import Keys, event_id_of
 from shared.inspection import Inspector
 from shared.payload import decoder
 from shared.store import AttemptRecord, Store, now_ms
@@ -99,9 +99,9 @@ async def test_a_failure_part_way_through_ingest_leaves_no_dedup_record(
     client = await aiohttp_client(create_app(make_settings()))
     refused = await client.post(WEBHOOK_PATH, data=sample_body, headers=WEBHOOK_HEADERS)
     assert refused.status == 503
-    assert not await redis.exists(keys.seen(event_id(event)))
+    assert not await redis.exists(keys.seen(event_id_of(event)))
     await redis.delete(keys.releases(event.attempt.id))
-    assert await post_event(client, sample_body) == event_id(event)
+    assert await post_event(client, sample_body) == event_id_of(event)
 
 
 async def test_a_redis_user_without_arqs_keys_stops_the_worker_and_fails_check_config(

@@ -26,7 +26,7 @@ import msgspec
 import pytest
 
 from ingest.app import WEBHOOK_PATH, create_app
-from shared.contract import event_id
+from shared.contract import event_id_of
 from shared.payload import decoder, parse_time
 from shared.settings import ConfigError, PostgresIntegration, Settings, settings_from_dict
 from tests.conftest import eventually
@@ -128,7 +128,7 @@ async def role(admin: Any, pg_dsn: str) -> AsyncIterator[tuple[str, str]]:
 
 def delivery_of(body: bytes, attempt: int = 1) -> Delivery:
     event = decoder.decode(body)
-    return Delivery(event_id(event), body, event, attempt)
+    return Delivery(event_id_of(event), body, event, attempt)
 
 
 def changed(body: bytes, **edits: Any) -> bytes:

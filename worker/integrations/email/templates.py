@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import jinja2
 import msgspec
 
-from shared.contract import event_id as compute_event_id
+from shared.contract import event_id_of
 from shared.payload import ExamResultsReleased, decoder, parse_time
 from shared.settings import EmailIntegration
 from worker.integrations.releases import EarlierRelease
@@ -123,7 +123,7 @@ def template_context(
             previous.update(_result_of(earlier.event))
     return {
         "event": event,
-        "event_id": event_id or compute_event_id(event),
+        "event_id": event_id or event_id_of(event),
         "learner_name": event.user.name,
         "learner_email": event.user.email,
         "exam_name": event.exam.name,
