@@ -1,4 +1,10 @@
-"""arq ``WorkerSettings`` for one worker process, built from examhook's settings."""
+"""arq ``WorkerSettings`` for one worker process, built from examhook's settings, and
+``ExamhookWorker``, arq's ``Worker`` with the overrides that keep it alive, correct and
+stoppable through Redis trouble.
+
+The overrides were checked against arq 0.28.0 (pinned exactly): tests/test_arq_overrides.py
+fails when the arq source under any of them changes.
+"""
 
 from __future__ import annotations
 
