@@ -118,6 +118,8 @@ class OutcomeRecord:
 
 
 AttemptOutcome = Literal["delivered", "retry", "failed"]
+# A claim for a fan-out job's first attempt, or for a retry job's.
+Mode = Literal["first", "retry"]
 
 
 class AttemptRecord(msgspec.Struct, omit_defaults=True):
@@ -302,7 +304,7 @@ class Store:
         *,
         token: str,
         lock_ttl_ms: int,
-        mode: Literal["first", "retry"],
+        mode: Mode,
         with_body: bool,
         attempt_id: str = "",
         released_ms: int | str = "",

@@ -31,7 +31,7 @@ from shared.contract import DELIVER, MAX_EVENTS_PER_JOB, Keys, encode_job, pair_
 from shared.logs import scrub
 from shared.payload import ExamResultsReleased, decoder
 from shared.settings import Settings, When
-from shared.store import AttemptRecord, Claim, OutcomeRecord, Store, new_token, now_ms
+from shared.store import AttemptRecord, Claim, Mode, OutcomeRecord, Store, new_token, now_ms
 from shared.timing import BACKSTOP_SECONDS, RECOVERY_GRACE_MS, RELEASE_WAIT_SECONDS, JobBudget
 from worker.decisions import Decision, decide
 from worker.filters import matches
@@ -59,6 +59,20 @@ EXPIRED_ERROR = "payload expired before delivery (retention.payload_seconds)"
 
 OutcomeState = Literal["delivered", "retry", "failed", "skipped", "waiting"]
 Event = tuple[str, str, int]  # (event id, attempt id, released ms), as in a fan-out job
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClaimedPair:
+    """A pair this worker has claimed (it holds the lock, ``token``), with its body, ready for
+    an attempt: the first (``mode`` "first", from a fan-out job) or a retry job's."""
+
+    event_id: str
+    integration: str
+    claim: Claim
+    token: str
+    body: bytes
+    event: ExamResultsReleased
+    mode: Mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +274,7 @@ class Deliverer:
             await self.store.release(event_id, name, token, may_have_sent=False)
             handed_on[name].append((event_id, event.attempt.id, released_ms(event)))
             return Outcome("waiting")
-        return await self._run_attempt(event_id, name, claim, token, body, event, mode="first")
+        return await self._run_attempt(ClaimedPair(event_id, name, claim, token, body, event, "first"))
 
     async def _hand_on(self, handed_on: dict[str, list[Event]]) -> None:
         """Queue jobs for the pairs whose lanes were busy: one ``handle_events`` job per
@@ -309,31 +323,21 @@ class Deliverer:
             assert body is not None
             slot_passed_on = True
             event = decoder.decode(body)
-            return await self._run_attempt(event_id, name, claim, token, body, event, mode="retry")
+            return await self._run_attempt(ClaimedPair(event_id, name, claim, token, body, event, "retry"))
         finally:
             if not slot_passed_on:
                 lane.release()
 
     # -- one attempt -----------------------------------------------------------------------
 
-    async def _run_attempt(
-        self,
-        event_id: str,
-        name: str,
-        claim: Claim,
-        token: str,
-        body: bytes,
-        event: ExamResultsReleased,
-        *,
-        mode: Literal["first", "retry"],
-    ) -> Outcome:
+    async def _run_attempt(self, pair: ClaimedPair) -> Outcome:
         """The attempt as a task of its own, holding its lane slot until it ends: the job's
         deadline stops the job waiting for it, never the send itself (a send cut after its
         hand-over would leave an unknown outcome). Only a shutdown past its grace cancels it
         (:meth:`drain`)."""
-        task = asyncio.ensure_future(self._attempt(event_id, name, claim, token, body, event, mode=mode))
+        task = asyncio.ensure_future(self._attempt(pair))
         self._in_flight.add(task)
-        lane = self.lanes[name]
+        lane = self.lanes[pair.integration]
 
         def ended(finished: asyncio.Future[Outcome]) -> None:
             self._in_flight.discard(finished)
@@ -342,21 +346,38 @@ class Deliverer:
         task.add_done_callback(ended)
         return await asyncio.shield(task)
 
-    async def _attempt(
-        self,
-        event_id: str,
-        name: str,
-        claim: Claim,
-        token: str,
-        body: bytes,
-        event: ExamResultsReleased,
-        *,
-        mode: Literal["first", "retry"],
-    ) -> Outcome:
+    async def _attempt(self, pair: ClaimedPair) -> Outcome:
         """Send one claimed pair (its lane slot held), decide, and record the outcome."""
+        config = self.integrations[pair.integration].config
+        number = pair.claim.attempts_so_far + 1
+        started_at = now_ms()
+        started = time.perf_counter()
+        result = await self._send(pair, number)
+        duration = time.perf_counter() - started
+        if not pair.claim.handed_over or config.unknown_outcome_policy == "retry":
+            self.lanes[pair.integration].observe(duration)
+        decision = decide(result, attempt=number, config=config)
+        if decision.error:
+            # a destination's answer may quote the learner: never into logs or records as is
+            user = pair.event.user
+            error = scrub(decision.error, personal=(user.name, user.email))
+            decision = dataclasses.replace(decision, error=error)
+        await self._record(pair, number, started_at, duration, decision)
+        self._count(pair, number, duration, decision)
+        if decision.outcome == "retry" and pair.mode == "retry":
+            return Outcome("retry", decision.retry_in)
+        return Outcome(decision.outcome)
+
+    async def _send(self, pair: ClaimedPair, number: int) -> str | DeliveryError:
+        """The integration's answer to one send: its status text, or the error it ended in
+        (a timeout, an unforeseen exception: :class:`UnknownOutcome`, :class:`TransientError`)."""
+        event_id, name, token, claim = pair.event_id, pair.integration, pair.token, pair.claim
         integration = self.integrations[name]
         config = integration.config
-        number = claim.attempts_so_far + 1
+        if claim.handed_over and config.unknown_outcome_policy != "retry":
+            # the previous attempt handed the message over and its worker stopped before
+            # hearing back: the policy, not a second copy
+            return UnknownOutcome("an earlier attempt handed it over, then its worker stopped")
         handed = False
 
         async def hand_over() -> None:
@@ -364,54 +385,32 @@ class Deliverer:
             await self.store.mark_handed_over(event_id, name, token)
             handed = True
 
-        started_at = now_ms()
-        started = time.perf_counter()
-        result: str | DeliveryError
-        if claim.handed_over and config.unknown_outcome_policy != "retry":
-            # the previous attempt handed the message over and its worker stopped before
-            # hearing back: the policy, not a second copy
-            result = UnknownOutcome("an earlier attempt handed it over, then its worker stopped")
-        else:
-            delivery = Delivery(event_id, body, event, number, claim.interrupted, hand_over)
-            try:
-                if integration.wants_earlier_release:
-                    delivery = dataclasses.replace(delivery, earlier=await self._earlier_release(event))
-                # the integration enforces its own timeout; this is the backstop
-                async with asyncio.timeout(config.timeout_seconds + BACKSTOP_SECONDS):
-                    result = await integration.deliver(delivery)
-            except DeliveryError as exc:
-                result = exc
-            except TimeoutError:
-                result = UnknownOutcome(f"timed out after {config.timeout_seconds:g}s")
-            except Exception as exc:  # a bug or an unforeseen error: retry, and say so loudly
-                log.exception(
-                    "integration raised unexpectedly", extra={"event_id": event_id, "integration": name}
-                )
-                result = TransientError(f"{exc.__class__.__name__}: {exc}")
-            except asyncio.CancelledError:
-                # shutting down or out of time: no outcome, no attempt spent; the job runs again.
-                # Freeing the lock is a courtesy (it expires anyway): never wait long for Redis
-                # here, and well inside the smallest margin between the job's deadline and
-                # arq's timeout (20% of job_timeout_seconds), past which arq would drop the job.
-                may_have_sent = handed or not integration.marks_hand_over
-                release = self.store.release(event_id, name, token, may_have_sent=may_have_sent)
-                with contextlib.suppress(Exception):  # Redis away: the lock expires by itself
-                    await asyncio.wait_for(asyncio.shield(release), RELEASE_WAIT_SECONDS)
-                raise
-        duration = time.perf_counter() - started
-        if not claim.handed_over or config.unknown_outcome_policy == "retry":
-            self.lanes[name].observe(duration)
-        decision = decide(result, attempt=number, config=config)
-        if decision.error:
-            # a destination's answer may quote the learner: never into logs or records as is
-            user = event.user
-            error = scrub(decision.error, personal=(user.name, user.email))
-            decision = dataclasses.replace(decision, error=error)
-        await self._record(event_id, name, token, number, started_at, duration, decision, mode)
-        self._count(event_id, name, number, duration, decision, claim)
-        if decision.outcome == "retry" and mode == "retry":
-            return Outcome("retry", decision.retry_in)
-        return Outcome(decision.outcome)
+        delivery = Delivery(event_id, pair.body, pair.event, number, claim.interrupted, hand_over)
+        try:
+            if integration.wants_earlier_release:
+                delivery = dataclasses.replace(delivery, earlier=await self._earlier_release(pair.event))
+            # the integration enforces its own timeout; this is the backstop
+            async with asyncio.timeout(config.timeout_seconds + BACKSTOP_SECONDS):
+                return await integration.deliver(delivery)
+        except DeliveryError as exc:
+            return exc
+        except TimeoutError:
+            return UnknownOutcome(f"timed out after {config.timeout_seconds:g}s")
+        except Exception as exc:  # a bug or an unforeseen error: retry, and say so loudly
+            log.exception(
+                "integration raised unexpectedly", extra={"event_id": event_id, "integration": name}
+            )
+            return TransientError(f"{exc.__class__.__name__}: {exc}")
+        except asyncio.CancelledError:
+            # shutting down or out of time: no outcome, no attempt spent; the job runs again.
+            # Freeing the lock is a courtesy (it expires anyway): never wait long for Redis
+            # here, and well inside the smallest margin between the job's deadline and arq's
+            # timeout (shared/timing.py), past which arq would drop the job.
+            may_have_sent = handed or not integration.marks_hand_over
+            release = self.store.release(event_id, name, token, may_have_sent=may_have_sent)
+            with contextlib.suppress(Exception):  # Redis away: the lock expires by itself
+                await asyncio.wait_for(asyncio.shield(release), RELEASE_WAIT_SECONDS)
+            raise
 
     async def _earlier_release(self, event: ExamResultsReleased) -> EarlierRelease | None:
         """The release this one replaces (a re-release), for the message to say so; never
@@ -423,16 +422,9 @@ class Deliverer:
             return None
 
     async def _record(
-        self,
-        event_id: str,
-        name: str,
-        token: str,
-        number: int,
-        started_at: int,
-        duration: float,
-        decision: Decision,
-        mode: Literal["first", "retry"],
+        self, pair: ClaimedPair, number: int, started_at: int, duration: float, decision: Decision
     ) -> None:
+        event_id, name = pair.event_id, pair.integration
         retry_in = decision.retry_in
         record = AttemptRecord(
             attempt=number,
@@ -445,12 +437,12 @@ class Deliverer:
             outcome_unknown=decision.unknown,
         )
         retry_job = None
-        if retry_in is not None and mode == "first":
+        if retry_in is not None and pair.mode == "first":
             retry_job = encode_job(DELIVER, (event_id, name), now_ms())
         outcome = OutcomeRecord(
             event_id,
             name,
-            token,
+            pair.token,
             record,
             retry_in_ms=int((retry_in or 0) * 1000),
             retry_job=retry_job,
@@ -461,9 +453,8 @@ class Deliverer:
         # journal keeps it), or the pair would be sent again.
         await asyncio.shield(self.journal.write(outcome))
 
-    def _count(
-        self, event_id: str, name: str, number: int, duration: float, decision: Decision, claim: Claim
-    ) -> None:
+    def _count(self, pair: ClaimedPair, number: int, duration: float, decision: Decision) -> None:
+        event_id, name, claim = pair.event_id, pair.integration, pair.claim
         metrics = self.metrics
         metrics.deliveries.labels(name, decision.outcome).inc()
         metrics.attempt_seconds.labels(name).observe(duration)
