@@ -403,7 +403,7 @@ async def _ingest_script_error(run: Run) -> None:
     keys = Keys(PREFIX)
     blocked = [keys.releases(_json.loads(b)["attempt"]["id"]) for b in run.sender.bodies[::4]]
     for key in blocked:
-        await run.admin.hset(key, "in", "the way")  # type: ignore[misc]
+        await run.admin.hset(key, "in", "the way")
     run.cluster.note(f"{len(blocked)} ingest scripts will fail part-way")
 
     async def refused() -> bool:  # a failing script fails its whole group commit: many 503s
@@ -574,7 +574,7 @@ async def _verify(run: Run, report: MatrixReport) -> None:
     report.emails_stored = sum(stored.values())
     unknown: set[str] = set()
     for event_id, name in last["failed"]:
-        pair = await redis.hgetall(keys.pair(event_id, name))  # type: ignore[misc]
+        pair = await redis.hgetall(keys.pair(event_id, name))
         if name == "mail" and int(pair.get(b"unknown_outcomes", b"0")) > 0:
             unknown.add(event_id)
         else:

@@ -54,11 +54,12 @@ class Picky:
         self.answered += 1
         if any(marker in body for marker in self.refuse):
             return web.Response(status=400, text="refused")
-        self.taken.append({"key": request.headers.get("Idempotency-Key"), "body": json.loads(body)})
+        self.taken.append({"key": request.headers.get("Idempotency-Key", ""), "body": json.loads(body)})
         return web.Response(status=200, text="ok")
 
-    def keys(self) -> list[str | None]:
-        return [t["key"] for t in self.taken]
+    def keys(self) -> list[str]:
+        """The Idempotency-Key of each body taken ("" where one came without)."""
+        return [str(t["key"]) for t in self.taken]
 
 
 @pytest.fixture(name="picky")

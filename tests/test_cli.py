@@ -756,7 +756,7 @@ async def test_failures_list_filters(
     (ages like 90m, 1h, 0); a filter that matches nothing gives an empty list."""
     # Make one failure look two hours old (its last attempt), so the age filters can tell.
     two_hours_ago = int((time.time() - 7200) * 1000)
-    await redis.hset(Keys(prefix).pair(failed.a, "crm"), "last_attempt_at", two_hours_ago)
+    await redis.hset(Keys(prefix).pair(failed.a, "crm"), "last_attempt_at", str(two_hours_ago))
 
     def pairs(result: Run) -> set[tuple[str, str]]:
         assert result.code == 0, result

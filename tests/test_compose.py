@@ -455,7 +455,7 @@ def test_example_config_passes_check_config_and_needs_its_secrets() -> None:
     """`examhook check-config` accepts the example with its variables set (exit 0, secrets
     masked in the output) and refuses it when LMS_TOKEN is unset (exit 2)."""
     runner = CliRunner()
-    env = {k: v for k, v in example_env().items() if not k.startswith("EXAMHOOK_")}
+    env: dict[str, str | None] = {k: v for k, v in example_env().items() if not k.startswith("EXAMHOOK_")}
     env |= {
         "EXAMHOOK_CONFIG": str(EXAMPLE_TOML),
         "EXAMHOOK_REDIS_URL": None,

@@ -15,7 +15,7 @@ import gzip
 import json
 import logging
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -83,12 +83,12 @@ def formatted(record: logging.LogRecord) -> str:
 
 @pytest.fixture
 def settings(make_settings: Any) -> Settings:
-    return make_settings(admin_token=ADMIN_TOKEN)  # type: ignore[no-any-return]
+    return make_settings(admin_token=ADMIN_TOKEN)
 
 
 @pytest.fixture
 async def client(aiohttp_client: Any, settings: Settings) -> Client:
-    return await aiohttp_client(create_app(settings))  # type: ignore[no-any-return]
+    return await aiohttp_client(create_app(settings))
 
 
 async def raw(client: Client, data: bytes, *, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
@@ -118,8 +118,8 @@ async def raw(client: Client, data: bytes, *, timeout: float = 10.0) -> tuple[in
 def request_bytes(
     method: str,
     path: str,
-    headers: list[tuple[str, bytes | str]] = (),
-    body: bytes = b"",  # type: ignore[assignment]
+    headers: Sequence[tuple[str, bytes | str]] = (),
+    body: bytes = b"",
 ) -> bytes:
     lines = [f"{method} {path} HTTP/1.1".encode(), b"Host: test"]
     for name, value in headers:
@@ -188,7 +188,7 @@ def deflated(data: bytes) -> bytes:
 async def stats_rejected(redis: Redis, prefix: str, rejected_id: str) -> dict[str, Any]:
     stored = await redis.get(Keys(prefix).rejected_item(rejected_id))
     assert stored is not None, rejected_id
-    return msgspec.json.decode(stored)  # type: ignore[no-any-return]
+    return msgspec.json.decode(stored)
 
 
 @pytest.mark.parametrize(("encoding", "compress"), [("gzip", gzip.compress), ("deflate", deflated)])
@@ -290,7 +290,9 @@ async def test_client_gone_mid_body_is_not_an_error(client: Client, logs: list[l
     """A client that closes its connection halfway through its body leaves at most a
     debug/info line, no error and no traceback; its reserved bytes are given back and the
     receiver keeps answering."""
-    inflight = client.server.app[INFLIGHT]
+    app = client.app
+    assert app is not None
+    inflight = app[INFLIGHT]
     head = webhook(b"x" * 1000)
     _, writer = await asyncio.open_connection(client.host, client.port)
     writer.write(head[: len(head) - 600])  # headers and 400 of the 1000 bytes
@@ -318,7 +320,7 @@ async def test_client_gone_mid_body_is_not_an_error(client: Client, logs: list[l
 @pytest.fixture
 async def slow_client(aiohttp_client: Any, make_settings: Any) -> Client:
     receiver = {"basic_auth_user": USER, "basic_auth_password": PASSWORD, "body_timeout_seconds": 0.5}
-    return await aiohttp_client(create_app(make_settings(receiver=receiver)))  # type: ignore[no-any-return]
+    return await aiohttp_client(create_app(make_settings(receiver=receiver)))
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
@@ -358,7 +360,7 @@ async def tight_client(aiohttp_client: Any, make_settings: Any) -> Client:
         "max_body_bytes": 16 * KIB,
         "max_inflight_bytes": 32 * KIB,
     }
-    return await aiohttp_client(create_app(make_settings(receiver=receiver)))  # type: ignore[no-any-return]
+    return await aiohttp_client(create_app(make_settings(receiver=receiver)))
 
 
 def padded(sample_body: bytes, size: int, attempt: str) -> bytes:

@@ -95,7 +95,7 @@ async def test_a_failure_part_way_through_ingest_leaves_no_dedup_record(
     the answer is 503, and the retry once the obstacle is gone is accepted, not a duplicate."""
     keys = Keys(prefix)
     event = decoder.decode(sample_body)
-    await redis.hset(keys.releases(event.attempt.id), "in", "the way")  # type: ignore[misc]
+    await redis.hset(keys.releases(event.attempt.id), "in", "the way")
     client = await aiohttp_client(create_app(make_settings()))
     refused = await client.post(WEBHOOK_PATH, data=sample_body, headers=WEBHOOK_HEADERS)
     assert refused.status == 503
@@ -277,7 +277,7 @@ async def test_a_claim_after_an_unrecorded_attempt_waits_a_recovery_grace(
 
     # a first attempt claimed, then its worker vanished (its lock expired, no outcome)
     for event in ("evt_g", "evt_h"):
-        await redis.hset(keys.pair(event, "lms"), mapping={"attempt_id": "att", "released_ms": "1"})  # type: ignore[misc]
+        await redis.hset(keys.pair(event, "lms"), mapping={"attempt_id": "att", "released_ms": "1"})
         assert (await claim(event, "first")).state == "ok"
         await redis.delete(keys.lock(event, "lms"))
     waiting = await claim("evt_g", "second")

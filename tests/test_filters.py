@@ -337,4 +337,4 @@ async def test_each_integration_gets_only_matching_events(
     assert json.loads(lines[0])["payload"] == json.loads(sample_body)
     assert not physics_file.exists() or physics_file.stat().st_size == 0
     assert await redis.zrange(unmatched, 0, -1) == [history_id.encode()]
-    assert await redis.hget(Keys(prefix).stats, "unmatched") == b"1"  # type: ignore[misc]
+    assert await redis.hget(Keys(prefix).stats, "unmatched") == b"1"

@@ -86,7 +86,7 @@ async def client(aiohttp_client: Any, make_settings: Any) -> Client:
         retention={"rejected_max": 1_000_000},
         admin_token=TOKEN,
     )
-    return await aiohttp_client(create_app(settings))  # type: ignore[no-any-return]
+    return await aiohttp_client(create_app(settings))
 
 
 async def exchange(client: Client, data: bytes) -> int:

@@ -348,6 +348,10 @@ async def test_worker_sigterm_while_redis_is_down_exits(
             server.stop()
 
 
+async def _workers(admin: Redis, keys: Keys) -> int:
+    return int(await admin.hlen(keys.workers))
+
+
 async def _logged(log: Path, text: str) -> bool:
     return text in log.read_text(errors="replace")
 
@@ -378,7 +382,7 @@ async def test_worker_keeps_running_while_redis_refuses_writes(
         [job_id] = await admin.zrange(keys.queue, 0, -1)
         await admin.zadd(keys.queue, {job_id: now_ms() + 60_000}, xx=True)  # not yet
         async with running_worker(settings) as (_, running):
-            await eventually(lambda: admin.hlen(keys.workers), timeout=15)  # it is up
+            await eventually(lambda: _workers(admin, keys), timeout=15)  # it is up
             await admin.zadd(keys.queue, {job_id: now_ms() + 1000}, xx=True)  # due in a second
             await admin.config_set("maxmemory-policy", "noeviction")
             await admin.config_set("maxmemory", "1")  # every write is refused from now on

@@ -41,7 +41,7 @@ async def behind_proxy(aiohttp_client: Any, make_settings: Any) -> Client:
         ),
         admin_token=ADMIN_TOKEN,
     )
-    return await aiohttp_client(create_app(settings))  # type: ignore[no-any-return]
+    return await aiohttp_client(create_app(settings))
 
 
 async def post(client: Client, sample_body: bytes, auth: str, **headers: str) -> int:

@@ -27,12 +27,12 @@ JSON = {"Content-Type": "application/json", **AUTH}
 
 @pytest.fixture
 def settings(make_settings: Any) -> Settings:
-    return make_settings()  # type: ignore[no-any-return]
+    return make_settings()
 
 
 @pytest.fixture
 async def client(aiohttp_client: Any, settings: Settings) -> TestClient:  # type: ignore[type-arg]
-    return await aiohttp_client(create_app(settings))  # type: ignore[no-any-return]
+    return await aiohttp_client(create_app(settings))
 
 
 def edited(body: bytes, **paths: Any) -> bytes:

@@ -26,7 +26,6 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ResponseError
 
-import ingest.auth
 from cli.main import cli
 from ingest.app import WEBHOOK_PATH, create_app
 from ingest.auth import BasicAuth
@@ -71,7 +70,7 @@ def test_check_compares_digests_with_hmac_compare_digest(monkeypatch: pytest.Mon
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(ingest.auth.hmac, "compare_digest", spy)
+    monkeypatch.setattr("ingest.auth.hmac.compare_digest", spy)
     auth = BasicAuth("synap", "s3cret")
     expected = hashlib.sha256(b"synap:s3cret").digest()
     for given in (b"synap:s3creT", b"s", b"synap:" + b"x" * 5000):
@@ -134,7 +133,7 @@ def test_rate_limit_applies_after_max_failures_and_expires(monkeypatch: pytest.M
     """A client is limited after max_failures failures within the window, other clients are
     not, and the limit lifts once the window has passed."""
     now = [1000.0]
-    monkeypatch.setattr(ingest.auth.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("ingest.auth.time.monotonic", lambda: now[0])
     auth = BasicAuth("synap", "s3cret", max_failures=3, window_seconds=60)
     for _ in range(3):
         assert not auth.limited("1.2.3.4")
@@ -152,7 +151,7 @@ def test_total_failures_lock_out_each_further_failing_address_at_once(
     failure; addresses that do not fail are never limited by the total; the next window
     starts afresh."""
     now = [1000.0]
-    monkeypatch.setattr(ingest.auth.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("ingest.auth.time.monotonic", lambda: now[0])
     auth = BasicAuth("synap", "s3cret", max_failures=20, total_failures=10, window_seconds=60)
     for i in range(10):
         auth.failed(f"10.0.0.{i}")
@@ -603,7 +602,7 @@ async def small_client(aiohttp_client: Any, make_settings: Any) -> TestClient:  
     settings = make_settings(
         receiver={"basic_auth_user": "synap", "basic_auth_password": "s3cret", "max_body_bytes": 1000}
     )
-    return await aiohttp_client(create_app(settings))  # type: ignore[no-any-return]
+    return await aiohttp_client(create_app(settings))
 
 
 def _json_of_size(size: int) -> bytes:
@@ -700,7 +699,7 @@ async def test_headers_just_under_the_limits_are_fine(client_for_limits: Any, sa
 
 @pytest.fixture
 async def client_for_limits(aiohttp_client: Any, make_settings: Any) -> TestClient:  # type: ignore[type-arg]
-    return await aiohttp_client(create_app(make_settings()))  # type: ignore[no-any-return]
+    return await aiohttp_client(create_app(make_settings()))
 
 
 def test_secret_values_are_distinct_and_random_enough() -> None:
