@@ -783,6 +783,7 @@ def main() -> int:
         help="py-spy one worker in an extra run of CASE: all, all+smtp-delay, http, email, postgres, file",
     )
     parser.add_argument("--profile-out", default=None, help="keep the raw collapsed stacks here")
+    parser.add_argument("--profile-only", action="store_true", help="run only the --profile case")
     parser.add_argument("--pg-dsn", default=DEFAULT_DSN)
     parser.add_argument("--log-level", default="info", help="examhook log_level (product default: info)")
     parser.add_argument(
@@ -805,7 +806,9 @@ def main() -> int:
         f" postgres ({args.pg_dsn}, a table per case), file (JSON lines, fsync per event)"
     )
     ok = True
-    if args.rss:
+    if args.profile_only:
+        pass
+    elif args.rss:
         print(f"# rss run: {args.rss_events} events", flush=True)
         result = run_case(Case("rss", KINDS, args.rss_events), args)
         ok = report_rss(result, args)
@@ -862,7 +865,8 @@ def main() -> int:
             result = run_case(Case(label, kinds, n, delay_s), args, profile_to=raw)
             print(describe(result))
             print(profile_summary(raw, top=30, focus=("worker/", "shared/")))
-    print(f"\noverall: {'PASS' if ok else 'FAIL'}")
+    if not args.profile_only:
+        print(f"\noverall: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 
 
