@@ -3,7 +3,7 @@
     python bench/cohort.py               # 10,000 events; 2 rounds + the slow-SMTP case (~10 min)
     python bench/cohort.py --quick       # 2,000 events, 1 round
     python bench/cohort.py --rss         # worker RSS over 50,000 events, all four integrations
-    python bench/cohort.py --profile all # + py-spy profile of one worker in that case
+    python bench/cohort.py --profile all --profile-only   # py-spy (--gil) of one worker in that case
 
 Every case starts its own stack: a fresh redis-server (appendfsync everysec), the receiver
 (`examhook receive`, the real CLI), ``--workers`` (2) worker processes (`examhook worker`, the
@@ -427,6 +427,7 @@ def _run_case(
                 "record",
                 "--pid",
                 str(workers[0].pid),
+                "--gil",  # only samples holding the GIL: the worker's CPU, not its waits
                 "-r",
                 "200",
                 "-f",
