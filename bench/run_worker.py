@@ -5,7 +5,8 @@
 
 Both kinds use the same ``max_jobs`` and ``poll_delay``. The worker writes
 ``STATUS_FILE.ready`` (JSON: time, rss) once its startup finished, and on exit prints
-``BENCHJSON {...}`` with the ready/end times, jobs completed and RSS.
+``BENCHJSON {...}`` with the ready/end times, jobs completed and RSS (arq-noop: also the
+wall-clock times the first and the last no-op job ran, ``first_job``/``last_job``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ from arq.connections import RedisSettings
 from arq.worker import Worker
 
 _proc = psutil.Process()
+# wall-clock times of the first and the last no-op job run (the baseline's "deliveries")
+_jobs: dict[str, float] = {}
 
 
 async def noop(ctx: dict[str, Any], *args: Any) -> None:
-    return None
+    now = time.time()
+    _jobs.setdefault("first_job", now)
+    _jobs["last_job"] = now
 
 
 def main() -> None:
@@ -111,6 +116,7 @@ def main() -> None:
     marks["complete"] = worker.jobs_complete
     marks["failed"] = worker.jobs_failed
     marks["retried"] = worker.jobs_retried
+    marks.update(_jobs)
     print("BENCHJSON " + json.dumps(marks), flush=True)
     status.write_text(json.dumps(marks))
 
