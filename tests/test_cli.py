@@ -1230,7 +1230,7 @@ def test_check_config_prints_list_items_and_warns(tmp_path: Path) -> None:
     of "warnings" (JSON); a configuration with none of them gives no warning."""
     weak = write(
         tmp_path / "weak.toml",
-        'admin_token = "admin"\n[receiver]\ntrusted_proxies = ["10.0.0.0/8", "192.168.0.0/16"]\n',
+        'admin_token = "short-tok3n"\n[receiver]\ntrusted_proxies = ["10.0.0.0/8", "192.168.0.0/16"]\n',
     )
     text = invoke("check-config", "--config", str(weak))
     assert text.code == 0, text
