@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -103,6 +104,33 @@ def run_inspection(settings: Settings, work: Callable[[Inspector], Awaitable[T]]
         return asyncio.run(main())
     except (RedisError, OSError) as exc:
         fail(f"cannot reach Redis at {mask_url(settings.redis.url)}: {exc}", code=1)
+
+
+def require_selection(ids: tuple[str, ...], all_: bool, name: str = "ID") -> None:
+    """The ``(ID... | --all)`` of the repairing commands: one of the two, never neither or both."""
+    if ids and all_:
+        raise click.UsageError(f"give {name}... or --all, not both")
+    if not ids and not all_:
+        raise click.UsageError(f"give {name}... or --all")
+
+
+_INTEGRATION_NAME = re.compile(r"^[a-z0-9-]{1,64}$")
+
+
+def check_integration(settings: Settings, name: str | None, *, stored: bool = True) -> None:
+    """An ``--integration NAME`` must name something: a configured integration or, with
+    ``stored``, one that the stored data knows (failures, delivery records, running workers:
+    the commands may be run with another configuration than the workers'). Else exit 1."""
+    if name is None or settings.integration(name) is not None:
+        return
+    if (
+        stored
+        and _INTEGRATION_NAME.match(name)
+        and run_inspection(settings, lambda i: i.integration_stored(name))
+    ):
+        return
+    known = ", ".join(i.name for i in settings.integrations) or "none"
+    fail(f"no integration named {name!r} (configured: {known})", code=1)
 
 
 def print_json(data: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -10,18 +11,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from cli.common import (
+    check_integration,
     config_option,
     data_dir_option,
+    dev_state,
     fail,
     inspection_settings,
     json_option,
     print_json,
     print_table,
+    require_selection,
     run_inspection,
     settings_or_exit,
 )
@@ -213,16 +218,17 @@ async def _worker_health(settings: Settings) -> int:
 
 
 @cli.command()
-@click.option("--port", type=int, default=8080, show_default=True, help="Receiver port.")
+@click.option("--port", type=int, default=None, help="Receiver port (default: receiver.port, 8080).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Receiver address.")
 @data_dir_option
 @config_option
-def dev(port: int, host: str, data_dir: str, config_path: str | None) -> None:
+def dev(port: int | None, host: str, data_dir: str, config_path: str | None) -> None:
     """Receiver + one worker + (unless EXAMHOOK_REDIS_URL is set) an embedded Valkey."""
-    from cli.dev import run_dev
+    from cli import dev as dev_module
 
     settings = settings_or_exit(config_path)
-    sys.exit(run_dev(settings, port=port, host=host, data_dir=data_dir))
+    port = settings.receiver.port if port is None else port
+    sys.exit(dev_module.run_dev(settings, port=port, host=host, data_dir=data_dir))
 
 
 @cli.command("send-sample")
@@ -248,21 +254,67 @@ def send_sample(url: str, count: int, concurrency: int, config_path: str | None)
 @json_option
 @config_option
 def check_config(check_redis: bool, as_json: bool, config_path: str | None) -> None:
-    """Validate the configuration and print the effective settings (secrets masked)."""
-    settings = settings_or_exit(config_path)
+    """Validate the configuration and print the effective settings (secrets masked), with
+    warnings about what is allowed but probably not meant. Any error: exit 2 (with --json,
+    {"ok": false, "errors": [...]} on stdout)."""
+    from shared.settings import ConfigError, load_settings
+
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        _config_errors([str(exc)], as_json)
     problems = _template_problems(settings)
     if check_redis:
         problems += asyncio.run(_redis_problems(settings))
     if problems:
-        for problem in problems:
-            click.echo(f"examhook: configuration error: {problem}", err=True)
-        sys.exit(2)
+        _config_errors(problems, as_json)
+    warnings = _config_warnings(settings)
     data = masked(settings)
     if as_json:
-        print_json(data)
+        print_json({"ok": True, "warnings": warnings, **data})
         return
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"configuration OK ({settings.source or 'no file; defaults and environment'})")
     _print_tree(data)
+
+
+def _config_errors(errors: list[str], as_json: bool) -> NoReturn:
+    """Exit 2: one line per error on stderr; with --json also the errors as JSON on stdout."""
+    if as_json:
+        print_json({"ok": False, "errors": errors})
+    for error in errors:
+        click.echo(f"examhook: configuration error: {error}", err=True)
+    sys.exit(2)
+
+
+# An admin token shorter than this, or made of fewer distinct characters, is easy to guess.
+WEAK_TOKEN_LENGTH = 24
+WEAK_TOKEN_CHARACTERS = 10
+
+
+def _config_warnings(settings: Settings) -> list[str]:
+    """What a valid configuration probably did not mean."""
+    warnings = []
+    if not settings.auth_configured:
+        warnings.append(
+            "no Basic auth credentials (receiver.basic_auth_user/basic_auth_password or "
+            "EXAMHOOK_BASIC_AUTH_USER/EXAMHOOK_BASIC_AUTH_PASSWORD): `receive` refuses to start "
+            "without them (unless --no-auth) and `dev` accepts anyone's posts"
+        )
+    if not settings.integrations:
+        warnings.append(
+            "no integrations are configured: a worker refuses to start "
+            "(`dev` delivers to a local file instead)"
+        )
+    token = settings.admin_token
+    if token and (len(token) < WEAK_TOKEN_LENGTH or len(set(token)) < WEAK_TOKEN_CHARACTERS):
+        warnings.append(
+            f"admin_token is weak (fewer than {WEAK_TOKEN_LENGTH} characters, or fewer than "
+            f"{WEAK_TOKEN_CHARACTERS} different ones): anyone who guesses it sees learners' "
+            "results in /admin; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return warnings
 
 
 async def _permission_problems(settings: Settings) -> list[str]:
@@ -322,15 +374,29 @@ def _print_tree(data: Any, indent: int = 0) -> None:
     pad = "  " * indent
     if isinstance(data, dict):
         for key, value in data.items():
-            if isinstance(value, dict | list) and value:
+            if _nested(value):
                 click.echo(f"{pad}{key}:")
                 _print_tree(value, indent + 1)
             else:
                 click.echo(f"{pad}{key}: {value}")
     elif isinstance(data, list):
         for item in data:
-            click.echo(f"{pad}-")
-            _print_tree(item, indent + 1)
+            if isinstance(item, dict) and item:
+                # the first key on the dash's line, the others under it (as YAML does)
+                first, *rest = item.items()
+                click.echo(f"{pad}- {first[0]}:" if _nested(first[1]) else f"{pad}- {first[0]}: {first[1]}")
+                if _nested(first[1]):
+                    _print_tree(first[1], indent + 2)
+                _print_tree(dict(rest), indent + 1)
+            elif _nested(item):
+                click.echo(f"{pad}-")
+                _print_tree(item, indent + 1)
+            else:
+                click.echo(f"{pad}- {item}")
+
+
+def _nested(value: Any) -> bool:
+    return isinstance(value, dict | list) and bool(value)
 
 
 # -- inspecting and repairing -----------------------------------------------------------
@@ -343,26 +409,56 @@ def _print_tree(data: Any, indent: int = 0) -> None:
 @data_dir_option
 @config_option
 def queue(as_json: bool, watch: bool, interval: float, data_dir: str, config_path: str | None) -> None:
-    """Counts: queued, in progress, scheduled retries, failed, rejected; per integration."""
+    """Counts: queued, in progress, scheduled retries, failed, rejected; per integration.
+
+    Says first which Redis (password masked), key prefix and configuration file it read;
+    with --watch --json, one compact JSON object per line."""
     settings = inspection_settings(config_path, data_dir)
-    while True:
-        counts = run_inspection(settings, Inspector.counts)
-        if watch and not as_json:
-            click.clear()
-            click.echo(time.strftime("%H:%M:%S") + f"  (every {interval:g}s, Ctrl-C to stop)")
-        _print_counts(counts, as_json)
-        if not watch:
-            return
-        try:
+    source = _queue_source(settings, data_dir)
+    try:
+        while True:
+            counts = {**source, **run_inspection(settings, Inspector.counts)}
+            if watch and not as_json:
+                click.clear()
+            _print_counts(counts, as_json, compact=watch)
+            if watch and not as_json:
+                click.echo(f"\n{time.strftime('%H:%M:%S')}  (every {interval:g}s, Ctrl-C to stop)")
+            if not watch:
+                return
             time.sleep(interval)
-        except KeyboardInterrupt:
-            return
-
-
-def _print_counts(counts: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print_json(counts)
+    except KeyboardInterrupt:
         return
+
+
+def _queue_source(settings: Settings, data_dir: str) -> dict[str, Any]:
+    """Which Redis, prefix and configuration file ``queue`` reads, and why that Redis."""
+    from shared.settings import mask_url
+
+    if os.environ.get("EXAMHOOK_REDIS_URL"):
+        origin = "EXAMHOOK_REDIS_URL"
+    elif dev_state(data_dir) is not None:
+        origin = f"the examhook dev running in {Path(data_dir).resolve()}"
+    else:
+        origin = "redis.url" if settings.source else "the default"
+    return {
+        "redis_url": mask_url(settings.redis.url),
+        "redis_from": origin,
+        "prefix": settings.redis.prefix,
+        "config_file": settings.source,
+    }
+
+
+def _print_counts(counts: dict[str, Any], as_json: bool, compact: bool = False) -> None:
+    if as_json:
+        if compact:  # one object per line (click.echo flushes each)
+            click.echo(json.dumps(counts, separators=(",", ":")))
+        else:
+            print_json(counts)
+        return
+    click.echo(
+        f"redis {counts['redis_url']} ({counts['redis_from']})  prefix {counts['prefix']}"
+        f"  config {counts['config_file'] or 'none (defaults and environment)'}"
+    )
     for key in ("queued", "in_progress", "scheduled_retries", "failed", "rejected", "unmatched"):
         click.echo(f"{key:<18} {counts[key]}")
     click.echo(f"{'oldest queued':<18} {counts['oldest_queued_age_seconds']}s")
@@ -415,6 +511,7 @@ def failures_list(
     """One row per failed delivery."""
     older, newer = older_than, newer_than
     settings = inspection_settings(config_path, data_dir)
+    check_integration(settings, integration)
     rows = run_inspection(settings, lambda i: i.failures(integration, exam_id, older, newer))
     import msgspec
 
@@ -444,6 +541,7 @@ def failures_show(
     from shared.report import Reporter, Target, event_summary
 
     settings = results_settings(config_path, data_dir)
+    check_integration(settings, integration)
 
     async def work(inspector: Inspector) -> dict[str, Any] | None:
         detail = await inspector.event_detail(event_id, integration)
@@ -480,7 +578,7 @@ def pair_selection(command: F) -> F:
     """The options of ``failures retry`` and ``failures purge``: which failed pairs."""
     for option in reversed(
         [
-            click.argument("event_ids", nargs=-1),
+            click.argument("event_ids", nargs=-1, metavar="[EVENT_ID]..."),
             click.option("--all", "all_", is_flag=True, help="Every failed delivery."),
             click.option("--integration", default=None),
             json_option,
@@ -492,9 +590,15 @@ def pair_selection(command: F) -> F:
     return command
 
 
-def _require_selection(event_ids: tuple[str, ...], all_: bool) -> None:
-    if bool(event_ids) == all_:
-        raise click.UsageError("give EVENT_ID... or --all (not both)")
+def _missing_failures(event_ids: tuple[str, ...], pairs: list[tuple[str, str]]) -> list[str]:
+    """The given event ids that have no failed delivery among ``pairs``."""
+    found = {event_id for event_id, _ in pairs}
+    return [event_id for event_id in dict.fromkeys(event_ids) if event_id not in found]
+
+
+def _no_failures(missing: list[str], integration: str | None) -> NoReturn:
+    to = f" to {integration}" if integration else ""
+    fail(f"no failed delivery of {', '.join(missing)}{to} (unknown, expired, or not failed)", code=1)
 
 
 @failures.command("retry")
@@ -508,12 +612,16 @@ def failures_retry(
     config_path: str | None,
 ) -> None:
     """Queue failed deliveries again (a fresh round of attempts); prints how many."""
-    _require_selection(event_ids, all_)
+    require_selection(event_ids, all_, "EVENT_ID")
     settings = inspection_settings(config_path, data_dir)
+    check_integration(settings, integration)
     show_progress = not as_json and sys.stderr.isatty()
 
-    async def work(inspector: Inspector) -> tuple[int, int]:
+    async def work(inspector: Inspector) -> tuple[int, int] | list[str]:
         pairs = await _select_pairs(inspector, event_ids, all_, integration)
+        missing = _missing_failures(event_ids, pairs)
+        if missing:
+            return missing  # nothing is queued when any id names nothing
         queued = skipped = 0
         step = 500
         for start in range(0, len(pairs), step):
@@ -525,7 +633,10 @@ def failures_retry(
             click.echo(err=True)
         return queued, skipped
 
-    queued, skipped = run_inspection(settings, work)
+    result = run_inspection(settings, work)
+    if isinstance(result, list):
+        _no_failures(result, integration)
+    queued, skipped = result
     if as_json:
         print_json({"queued": queued, "skipped": skipped})
     else:
@@ -543,13 +654,20 @@ def failures_purge(
     config_path: str | None,
 ) -> None:
     """Forget failed deliveries."""
-    _require_selection(event_ids, all_)
+    require_selection(event_ids, all_, "EVENT_ID")
     settings = inspection_settings(config_path, data_dir)
+    check_integration(settings, integration)
 
-    async def work(inspector: Inspector) -> int:
-        return await inspector.purge(await _select_pairs(inspector, event_ids, all_, integration))
+    async def work(inspector: Inspector) -> int | list[str]:
+        pairs = await _select_pairs(inspector, event_ids, all_, integration)
+        missing = _missing_failures(event_ids, pairs)
+        if missing:
+            return missing  # nothing is purged when any id names nothing
+        return await inspector.purge(pairs)
 
     removed = run_inspection(settings, work)
+    if isinstance(removed, list):
+        _no_failures(removed, integration)
     if as_json:
         print_json({"purged": removed})
     else:
@@ -571,7 +689,7 @@ def rejected_list(as_json: bool, data_dir: str, config_path: str | None) -> None
 
     settings = inspection_settings(config_path, data_dir)
     items = run_inspection(settings, Inspector.rejected)
-    data = [{k: v for k, v in msgspec.to_builtins(r).items() if k != "body"} for r in items]
+    data = [{k: v for k, v in msgspec.to_builtins(r).items() if k not in ("body", "raw")} for r in items]
     for row in data:
         row["received_at"] = iso(row["received_at"])
     if as_json:
@@ -586,7 +704,10 @@ def rejected_list(as_json: bool, data_dir: str, config_path: str | None) -> None
 @data_dir_option
 @config_option
 def rejected_show(reject_id: str, as_json: bool, data_dir: str, config_path: str | None) -> None:
-    """One quarantined body, as received, with its error."""
+    """One quarantined body, as received, with its error. With --json, ``body`` is its text
+    (decoded leniently when it is not UTF-8) and ``body_base64`` the bytes exactly as received."""
+    import base64
+
     import msgspec
 
     settings = inspection_settings(config_path, data_dir)
@@ -594,6 +715,8 @@ def rejected_show(reject_id: str, as_json: bool, data_dir: str, config_path: str
     if item is None:
         fail(f"no rejected body {reject_id} (unknown, or expired)", code=1)
     data = msgspec.to_builtins(item)
+    del data["raw"]
+    data["body_base64"] = base64.b64encode(item.received_bytes).decode()
     data["received_at"] = iso(data["received_at"])
     if as_json:
         print_json(data)
@@ -605,18 +728,29 @@ def rejected_show(reject_id: str, as_json: bool, data_dir: str, config_path: str
 
 
 @rejected.command("purge")
-@click.argument("reject_ids", nargs=-1)
-@click.option("--all", "all_", is_flag=True, help="Every quarantined body (the default with no ids).")
+@click.argument("reject_ids", nargs=-1, metavar="[ID]...")
+@click.option("--all", "all_", is_flag=True, help="Every quarantined body.")
 @json_option
 @data_dir_option
 @config_option
 def rejected_purge(
     reject_ids: tuple[str, ...], all_: bool, as_json: bool, data_dir: str, config_path: str | None
 ) -> None:
-    """Delete quarantined bodies (all of them when no id is given)."""
+    """Delete quarantined bodies: the given IDs, or --all."""
+    require_selection(reject_ids, all_, "ID")
     settings = inspection_settings(config_path, data_dir)
-    ids = list(reject_ids) if reject_ids and not all_ else None
-    removed = run_inspection(settings, lambda i: i.purge_rejected(ids))
+
+    async def work(inspector: Inspector) -> int | list[str]:
+        if all_:
+            return await inspector.purge_rejected(None)
+        missing = await inspector.missing_rejected(list(reject_ids))
+        if missing:
+            return missing  # nothing is purged when any id names nothing
+        return await inspector.purge_rejected(list(dict.fromkeys(reject_ids)))
+
+    removed = run_inspection(settings, work)
+    if isinstance(removed, list):
+        fail(f"no rejected body {', '.join(removed)} (unknown, or expired)", code=1)
     if as_json:
         print_json({"purged": removed})
     else:

@@ -14,6 +14,7 @@ import click
 import msgspec
 
 from cli.common import (
+    check_integration,
     config_option,
     data_dir_option,
     dev_state,
@@ -64,12 +65,6 @@ def _targets(settings: Settings) -> list[Target]:
             err=True,
         )
     return Target.of(settings.integrations)
-
-
-def _check_integration(settings: Settings, name: str | None) -> None:
-    if name is not None and settings.integration(name) is None:
-        known = ", ".join(i.name for i in settings.integrations) or "none"
-        fail(f"no integration named {name!r} is configured (configured: {known})")
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -189,7 +184,7 @@ def replay(
     if unmatched and since is not None:
         raise click.UsageError("--since goes with --exam")
     settings = results_settings(config_path, data_dir)
-    _check_integration(settings, integration)
+    check_integration(settings, integration, stored=False)  # replay sends: it must be configured
     targets = _targets(settings)
 
     async def work(inspector: Inspector) -> Any:
@@ -260,6 +255,7 @@ def retries_list(integration: str | None, as_json: bool, data_dir: str, config_p
     from shared.retries import waiting_retries
 
     settings = inspection_settings(config_path, data_dir)
+    check_integration(settings, integration)
     rows = run_inspection(settings, lambda i: waiting_retries(i.store, integration))
     data = [msgspec.to_builtins(r) for r in rows]
     if as_json:
@@ -297,6 +293,7 @@ def retries_now(
     if not (event_ids or integration or all_):
         raise click.UsageError("give --integration NAME, EVENT_ID..., or --all")
     settings = inspection_settings(config_path, data_dir)
+    check_integration(settings, integration)
     moved = run_inspection(settings, lambda i: hurry(i.store, integration, list(event_ids) or None))
     if as_json:
         print_json({"due_now": moved})
@@ -333,6 +330,7 @@ def preview_email(
     if sum((event_id is not None, body_file is not None, failing)) > 1:
         raise click.UsageError("give at most one of --event, --file, --fail")
     settings = settings_or_exit(config_path)
+    check_integration(settings, integration, stored=False)  # a preview needs its configuration
     try:
         config, note = email_config(settings, integration)
     except PreviewError as exc:

@@ -228,6 +228,10 @@ async def _reject(
 ) -> web.Response:
     """Answer 400/422, after keeping the body in the quarantine (503 if that fails)."""
     app = request.app
+    try:
+        text, raw = body.decode("utf-8"), None
+    except UnicodeDecodeError:  # keep the bytes too: the text cannot give them back
+        text, raw = body.decode("utf-8", errors="replace"), body
     rejected = Rejected(
         id="rej_" + secrets.token_hex(8),
         received_at=now_ms(),
@@ -235,7 +239,8 @@ async def _reject(
         detail=detail,
         path=path,
         content_type=request.headers.get("Content-Type", ""),
-        body=body.decode("utf-8", errors="replace"),
+        body=text,
+        raw=raw,
     )
     try:
         await app[STORE].quarantine(rejected)

@@ -2,9 +2,11 @@
 
 Everything examhook stores in Redis lives under one prefix (``examhook`` by default),
 except the keys arq itself owns (``arq:job:<job id>``, ``arq:in-progress:<job id>``,
-``arq:retry:<job id>``, ``arq:result:<job id>``); those are made unique by putting the
-prefix into every job id. A Redis ACL user for examhook therefore needs ``~P:*`` and
-``~arq:*`` (see the README's "Redis" section; ``examhook check-config --redis`` checks it).
+``arq:retry:<job id>``, ``arq:result:<job id>``, and the ``arq:abort`` set arq's worker
+removes finished job ids from); those are made unique by putting the prefix into every job
+id. arq's default queue ``arq:queue`` is not used: the queue is ``P:queue``. A Redis ACL
+user for examhook therefore needs ``~P:*`` and ``~arq:*`` (see the README's "Redis"
+section; ``examhook check-config --redis`` checks it).
 
 Keys (``P`` is the prefix, ``E`` an event id, ``I`` an integration name, ``A`` an attempt
 id, ``X`` an exam id); :class:`Keys` is the one place that spells them:
@@ -25,7 +27,7 @@ P:lock:E:I              string     held while one worker sends the pair
 P:failures              zset       ``E:I`` of failed pairs, scored by last attempt (ms)
 P:unmatched             zset       events that matched no integration, by time (ms)
 P:rejected              zset       ids of quarantined bodies, by time (µs)
-P:rejected:R            hash       one quarantined body with its error
+P:rejected:R            string     one quarantined body with its error (JSON)
 P:stats                 hash       counters (accepted, duplicate, rejected, ...)
 P:workers               hash       one entry per running worker: host, integrations, last report
 ======================  =========  =====================================================

@@ -1,17 +1,27 @@
 """``examhook erase``: remove every trace of one learner that examhook holds in Redis.
 
 A learner is found by ``user.id`` or ``user.email`` in stored bodies. For each of their
-events this removes the body, the dedup record, the newest-release marker, every delivery
+events this removes the body, the dedup record, the releases record, every delivery
 record and attempt log, failure entries, and queued or scheduled jobs; and any rejected
-body that mentions the id or address. What was already delivered to destinations (LMS,
-email, database, files) is outside Redis and is not touched: the report says so.
+body of theirs (see :func:`rejected_body_matches`). What was already delivered to
+destinations (LMS, email, database, files) is outside Redis and is not touched: the report
+says so.
+
+Matching is exact: ``user.id`` equal, ``user.email`` equal ignoring case; ``usr_1`` never
+finds ``usr_12``. A dry run reports exactly what the erase would remove (the same keys,
+queue entries, failure entries and rejected bodies, each counted once and only if present),
+so its counts equal the real erase's unless the data changes in between (a fan-out job that
+starts meanwhile is left to find the bodies gone).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Awaitable
+from typing import Any, cast
 
 import msgspec
+from redis.asyncio import Redis
 
 from shared.contract import Keys, job_serializer
 from shared.inspection import fanout_batches
@@ -83,13 +93,18 @@ async def erase_learner(
         ]
     to_delete += [keys.rejected_item(r) for r in rejected_ids]
     batches = await _fanout_jobs_carrying(store, set(events)) if events else []
+    # each counted once, and only what is there: what DEL and ZREM will count
+    to_delete = list(dict.fromkeys(to_delete))
+    queue_members = await _present(redis, keys.queue, queue_members)
+    failure_members = await _present(redis, keys.failures, failure_members)
+    rejected_ids = await _present(redis, keys.rejected, rejected_ids)
 
     if dry_run:
-        existing = sum([await redis.exists(k) for k in to_delete]) if to_delete else 0
+        existing = int(await redis.exists(*to_delete)) if to_delete else 0
         return ErasureReport(
             sorted(events),
             existing,
-            len(set(queue_members)) + len(batches),
+            len(queue_members) + len(batches),
             len(failure_members),
             len(rejected_ids),
             dry_run=True,
@@ -100,7 +115,7 @@ async def erase_learner(
         if to_delete:
             pipe.delete(*to_delete)
         if queue_members:
-            pipe.zrem(keys.queue, *set(queue_members))
+            pipe.zrem(keys.queue, *queue_members)
         if failure_members:
             pipe.zrem(keys.failures, *failure_members)
         for exam_key, event_id in exam_members:
@@ -109,7 +124,7 @@ async def erase_learner(
             pipe.zrem(keys.unmatched, *events)
         if rejected_ids:
             pipe.zrem(keys.rejected, *rejected_ids)
-        results = await pipe.execute() if (to_delete or rejected_ids) else []
+        results = await pipe.execute() if (to_delete or rejected_ids or queue_members) else []
     index = 0
     if to_delete:
         deleted, index = int(results[0]), 1
@@ -174,8 +189,17 @@ async def _fanout_jobs_carrying(
     return found
 
 
+async def _present(redis: Redis, key: str, members: list[str]) -> list[str]:
+    """``members`` (each once) that are in the sorted set ``key``."""
+    unique = list(dict.fromkeys(members))
+    if not unique:
+        return []
+    scores = await cast(Awaitable[list[float | None]], redis.zmscore(key, unique))
+    return [m for m, score in zip(unique, scores, strict=True) if score is not None]
+
+
 async def _matching_rejected(store: Store, user_id: str | None, email: str | None) -> list[str]:
-    """Rejected bodies are not guaranteed to decode: match the id or address as text."""
+    """The quarantined bodies of this learner (see :func:`rejected_body_matches`)."""
     redis, keys = store.redis, store.keys
     found = []
     for raw_id in await redis.zrange(keys.rejected, 0, -1):
@@ -187,6 +211,61 @@ async def _matching_rejected(store: Store, user_id: str | None, email: str | Non
             text = msgspec.json.decode(raw, type=Rejected).body
         except msgspec.DecodeError:
             continue
-        if (user_id and user_id in text) or (email and email in text.casefold()):
+        if rejected_body_matches(text, user_id, email):
             found.append(reject_id)
+    return found
+
+
+# Characters that can be part of an id or an address: a match must not continue into them.
+_TOKEN_CHARS = r"A-Za-z0-9_.@+\-"
+
+
+def rejected_body_matches(text: str, user_id: str | None, email: str | None) -> bool:
+    """Is this quarantined body (text) the learner's?
+
+    A body that is JSON (most are: they were rejected for not fitting the payload model)
+    matches when any string value in it equals the user id exactly, or the address ignoring
+    case (``user.id``/``user.email`` where Synap puts them, or wherever a malformed body put
+    them). A body that is not JSON (truncated, not UTF-8) matches only where the id or the
+    address stands as a whole token, bounded by characters that cannot be part of one
+    (quotes, spaces, punctuation other than ``. _ - + @``): ``"usr_1"`` matches ``usr_1``;
+    ``usr_12``, ``xusr_1`` and ``ann@example.org.uk`` do not match ``usr_1`` or
+    ``ann@example.org``. So another learner's body is never taken for theirs; what is left
+    of theirs is a body mentioning them only inside a longer token, which expires with the
+    quarantine (``retention.rejected_seconds``).
+    """
+    wanted_email = email.casefold() if email else None
+    try:
+        document = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        document = _NOT_JSON
+    if document is not _NOT_JSON:
+        return any(
+            (user_id is not None and value == user_id)
+            or (wanted_email is not None and value.casefold() == wanted_email)
+            for value in _strings(document)
+        )
+    for needle, flags in ((user_id, 0), (email, re.IGNORECASE)):
+        if needle and re.search(
+            rf"(?<![{_TOKEN_CHARS}]){re.escape(needle)}(?![{_TOKEN_CHARS}])", text, flags
+        ):
+            return True
+    return False
+
+
+_NOT_JSON = object()
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string in a decoded JSON document (keys excepted)."""
+    found: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return found

@@ -128,6 +128,24 @@ class Inspector:
             "totals_since_start": stats,
         }
 
+    async def integration_stored(self, name: str) -> bool:
+        """Does the stored data know an integration of this name (``[a-z0-9-]+``): a failure,
+        a running worker's configuration, a delivery record or a delivered marker?"""
+        k = self.keys
+        async for _ in self.redis.zscan_iter(k.failures, match=f"*:{name}", count=1000):
+            return True
+        for raw in await cast(Awaitable[list[bytes]], self.redis.hvals(k.workers)):
+            try:
+                entry = msgspec.json.decode(raw)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(entry, dict) and name in entry.get("integrations", ()):
+                return True
+        for pattern in (k.pair_pattern("*", name), k.delivered("*", name)):
+            async for _ in self.redis.scan_iter(match=pattern, count=1000):
+                return True
+        return False
+
     # -- failures ----------------------------------------------------------------------
 
     async def failure_pairs(
@@ -255,6 +273,13 @@ class Inspector:
     async def rejected_one(self, reject_id: str) -> Rejected | None:
         raw = await self.redis.get(self.keys.rejected_item(reject_id))
         return msgspec.json.decode(raw, type=Rejected) if raw else None
+
+    async def missing_rejected(self, reject_ids: list[str]) -> list[str]:
+        """The ids among ``reject_ids`` that name no quarantined body."""
+        if not reject_ids:
+            return []
+        present = await self.redis.mget([self.keys.rejected_item(i) for i in reject_ids])
+        return [i for i, raw in zip(reject_ids, present, strict=True) if raw is None]
 
     async def purge_rejected(self, reject_ids: list[str] | None = None) -> int:
         if reject_ids is None:

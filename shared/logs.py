@@ -36,9 +36,13 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One readable line: time, level, logger, message, then the extra fields as
+    ``key=value`` pairs (logfmt-like: a mapping flattened to ``key.sub=value``, a list
+    comma-joined, text with spaces or quotes quoted)."""
+
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(
-            f"{k}={v}" for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")
+            _pairs({k: v for k, v in vars(record).items() if k not in _RESERVED and not k.startswith("_")})
         )
         when = time.strftime("%H:%M:%S", time.localtime(record.created))
         line = f"{when} {record.levelname:<7} {record.name}: {record.getMessage()}"
@@ -47,6 +51,30 @@ class TextFormatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+def _pairs(fields: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key, value in fields.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out += _pairs({str(k): v for k, v in value.items()}, f"{name}.")
+        else:
+            out.append(f"{name}={_value(value)}")
+    return out
+
+
+_BARE_RE = re.compile(r'[^\s"=]+')
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, list | tuple | set | frozenset):
+        text = ",".join(str(v) for v in value)
+    elif isinstance(value, dict):  # an empty one (others are flattened)
+        text = ""
+    else:
+        text = str(value)
+    return text if _BARE_RE.fullmatch(text) else msgspec.json.encode(text).decode()
 
 
 def configure_logging(level: str, *, json: bool | None = None) -> None:

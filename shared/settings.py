@@ -175,7 +175,8 @@ IntegrationConfig = HttpIntegration | FileIntegration | EmailIntegration | Postg
 
 class RedisConfig(Base, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
-    # Every key examhook writes starts with this (see shared.contract).
+    # examhook's own keys start with this; arq's keys for its jobs are arq:<kind>:<job id>,
+    # the job ids starting with it, and arq:abort (see shared.contract, README "Redis").
     prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]+$")] = "examhook"
 
 

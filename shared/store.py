@@ -146,6 +146,14 @@ class Rejected(msgspec.Struct):
     path: str | None
     content_type: str
     body: str  # as received, decoded leniently
+    # the bytes as received, kept only when ``body`` is not them (they are not UTF-8)
+    raw: bytes | None = None
+
+    @property
+    def received_bytes(self) -> bytes:
+        """The body exactly as received (for a record written before ``raw`` was kept and
+        not UTF-8: its lenient decoding)."""
+        return self.raw if self.raw is not None else self.body.encode("utf-8")
 
 
 _attempt_encoder = msgspec.json.Encoder()

@@ -25,11 +25,61 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from shared.settings import Settings, settings_from_dict
+import shared.settings
+from shared.settings import Settings
+from tests import leakcheck
 from tests.smtp_sink import smtp, start_smtp  # noqa: F401 - fixtures for every test module
 from worker.main import create_worker
 
 SAMPLE = Path(__file__).resolve().parent.parent / "shared" / "sample.json"
+
+
+# -- the suite-wide leak check (tests/leakcheck.py) -------------------------------------------
+
+_LEAKS = pytest.StashKey[list[leakcheck.Finding]]()
+_COLLECTOR = pytest.StashKey[leakcheck.Collector]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Collect everything the product prints from now on (log records, CliRunner output,
+    every ``examhook`` process's stdout and stderr)."""
+    if not config.option.collectonly and _COLLECTOR not in config.stash:
+        config.stash[_COLLECTOR] = leakcheck.Collector.start()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session when what the product printed holds a secret or a learner's data."""
+    collector = session.config.stash.get(_COLLECTOR, None)
+    if collector is None:
+        return
+    found = leakcheck.findings(collector)
+    collector.stop()
+    session.config.stash[_LEAKS] = found
+    if found:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    else:
+        collector.remove()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    found = terminalreporter.config.stash.get(_LEAKS, None)
+    if found is None:
+        return
+    collector = terminalreporter.config.stash[_COLLECTOR]
+    checked = collector.checked
+    if not found:
+        terminalreporter.write_line(
+            f"leak check: clean ({checked['lines']} lines of product output, {checked['outputs']} "
+            f"command outputs, {checked['secrets']} secrets and the learners looked for)"
+        )
+        return
+    terminalreporter.section("leak check: FAILED", sep="=", red=True, bold=True)
+    terminalreporter.write_line(
+        f"the product printed secrets or learner data ({len(found)} finding(s); "
+        f"transcripts kept in {collector.directory}):"
+    )
+    for finding in found:
+        terminalreporter.write_line(f"  {finding}")
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +153,8 @@ def make_settings(redis_url: str, prefix: str, redis: Redis) -> Callable[..., Se
             **tables,
             "integrations": integrations or [],
         }
-        return settings_from_dict(raw)
+        # through the module: the leak check records the secrets of every configuration built
+        return shared.settings.settings_from_dict(raw)
 
     return make
 

@@ -619,7 +619,7 @@ async def test_rejected_list_show_purge(
 ) -> None:
     """Bodies rejected with 400 and 422 are listed (id, error, path; no body), `show ID`
     gives the body exactly as posted with its error, an unknown id is exit 1, and
-    `purge ID` / `purge` delete one / the rest, saying how many."""
+    `purge ID` / `purge --all` delete one / the rest, saying how many."""
     url = await serve(make_settings())
     not_json = b'{"attempt": nope'
     bad = json.loads(sample_body)
@@ -653,7 +653,7 @@ async def test_rejected_list_show_purge(
 
     purge_one = await run("rejected", "purge", by_error["invalid_json"]["id"], "--json")
     assert purge_one.code == 0 and purge_one.json() == {"purged": 1}, purge_one
-    purge_rest = await run("rejected", "purge")
+    purge_rest = await run("rejected", "purge", "--all")
     assert purge_rest.code == 0, purge_rest
     assert re.search(r"\b1\b", purge_rest.out), purge_rest.out
     after = await run("rejected", "list", "--json")
@@ -753,7 +753,8 @@ async def test_failures_list_filters(
     run: Callable[..., Awaitable[Run]], failed: Failed, redis: Redis, prefix: str
 ) -> None:
     """`failures list` narrows by --integration, --exam, --older-than and --newer-than
-    (ages like 90m, 1h, 0); a filter that matches nothing gives an empty list."""
+    (ages like 90m, 1h, 0); a filter that matches nothing gives an empty list (an integration
+    that names nothing is an error: test_ids_and_integrations_that_name_nothing_are_errors)."""
     # Make one failure look two hours old (its last attempt), so the age filters can tell.
     two_hours_ago = int((time.time() - 7200) * 1000)
     await redis.hset(Keys(prefix).pair(failed.a, "crm"), "last_attempt_at", str(two_hours_ago))
@@ -767,7 +768,7 @@ async def test_failures_list_filters(
         run("failures", "list", "--json", "--exam", "exm_x"),
         run("failures", "list", "--json", "--older-than", "90m"),
         run("failures", "list", "--json", "--newer-than", "1h"),
-        run("failures", "list", "--json", "--integration", "nobody"),
+        run("failures", "list", "--json", "--exam", "exm_nobody"),
     )
     assert pairs(lms) == {(failed.a, "lms"), (failed.b, "lms")}
     assert pairs(exam_x) == {(failed.a, "lms"), (failed.a, "crm")}
@@ -1105,3 +1106,190 @@ def test_check_config_rejects_a_bad_email_sender(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "integrations.mail: from:" in result.output
     assert "Traceback" not in result.output
+
+
+# -- consistency: selections, names that name nothing, where queue reads ------------------------
+
+
+def test_purge_commands_require_ids_or_all_alike() -> None:
+    """`rejected purge` and `failures purge`/`retry` agree: with neither ids nor --all, a usage
+    error (exit 2) saying "give ID... or --all" (and not "not both"); with both, "not both".
+    `rejected purge` with no id no longer empties the whole quarantine."""
+    for command in (["rejected", "purge"], ["failures", "purge"], ["failures", "retry"]):
+        neither = assert_usage_error(invoke(*command), "ID... or --all")
+        assert "not both" not in neither, neither
+        assert_usage_error(invoke(*command, "x_1", "--all"), "not both")
+
+
+async def test_ids_and_integrations_that_name_nothing_are_errors(
+    run: Callable[..., Awaitable[Run]], failed: Failed, redis: Redis, prefix: str
+) -> None:
+    """An id, or an --integration name, that names nothing is exit 1 with one line naming it,
+    never a silent empty result, and nothing is changed: failures retry/purge/show, rejected
+    show/purge/replay, and every --integration option (a name that is neither configured nor
+    in the stored data). A name only in the stored data (these failures were made with a
+    configuration the commands are not given) is still accepted."""
+    keys = Keys(prefix)
+    before = {m.decode() for m in await redis.zrange(keys.failures, 0, -1)}
+    nosuch = "no integration named 'nosuch' (configured: none)"
+    runs = await asyncio.gather(
+        run("failures", "retry", "evt_nope"),
+        run("failures", "retry", failed.a, "evt_nope", "--json"),
+        run("failures", "purge", failed.a, "evt_nope"),
+        run("failures", "show", "evt_nope"),
+        run("rejected", "show", "rej_nope"),
+        run("rejected", "purge", "rej_nope"),
+        run("rejected", "replay", "rej_nope"),
+        run("failures", "list", "--integration", "nosuch"),
+        run("failures", "show", failed.a, "--integration", "nosuch"),
+        run("failures", "retry", "--all", "--integration", "nosuch"),
+        run("failures", "purge", "--all", "--integration", "nosuch"),
+        run("retries", "list", "--integration", "nosuch"),
+        run("retries", "now", "--integration", "nosuch"),
+        run("replay", "--exam", "exm_x", "--integration", "nosuch"),
+        run("preview-email", "--integration", "nosuch"),
+    )
+    ids = ["evt_nope"] * 4 + ["rej_nope"] * 3
+    for result, needle in zip(runs, [*ids, *[nosuch] * 8], strict=True):
+        assert result.code == 1, result
+        assert "Traceback" not in result.err, result.err
+        assert needle in result.out + result.err, (needle, result)
+    for result in runs[:6]:  # (`rejected replay` prints one line per id, on stdout)
+        assert_one_error_line(result, 1, "_nope")
+    assert {m.decode() for m in await redis.zrange(keys.failures, 0, -1)} == before  # nothing changed
+
+    stored_only = await run("failures", "list", "--json", "--integration", "crm")
+    assert stored_only.code == 0, stored_only
+    assert {r["integration"] for r in stored_only.json()} == {"crm"}
+
+
+async def test_queue_names_the_redis_prefix_and_config_it_read(
+    tmp_path: Path, workdir: Path, redis_url: str, prefix: str, redis: Redis
+) -> None:
+    """`queue` starts with a line naming the Redis URL (password masked), the key prefix and
+    the configuration file it used; `--json` has them as fields."""
+    config = write(tmp_path / "examhook.toml", 'log_level = "warning"\n')
+    # a password the server ignores (its default user takes any), so it must be masked
+    with_password = redis_url.replace("redis://", "redis://default:hunter2-queue@", 1)
+    env = clean_env(EXAMHOOK_REDIS_URL=with_password, EXAMHOOK_REDIS_PREFIX=prefix)
+    text, as_json = await asyncio.gather(
+        examhook("queue", "--config", str(config), env=env, cwd=workdir),
+        examhook("queue", "--json", "--config", str(config), env=env, cwd=workdir),
+    )
+    masked_url = with_password.replace("hunter2-queue", "***")
+    assert text.code == 0, text
+    first = text.out.splitlines()[0]
+    assert masked_url in first and prefix in first and str(config) in first, first
+    assert "hunter2" not in text.out + text.err
+    assert as_json.code == 0, as_json
+    data = as_json.json()
+    assert (data["redis_url"], data["prefix"], data["config_file"]) == (masked_url, prefix, str(config))
+    assert "hunter2" not in as_json.out
+    no_file = await examhook("queue", "--json", env=env, cwd=workdir)
+    assert no_file.json()["config_file"] is None
+
+
+async def test_queue_watch_json_is_one_compact_object_per_line(
+    tmp_path: Path, workdir: Path, env: dict[str, str]
+) -> None:
+    """`queue --watch --json` writes one JSON object per line, each flushed as it is written
+    (a reader sees every refresh while the command runs)."""
+    args = [*EXAMHOOK, "queue", "--watch", "--json", "--interval", "0.1"]
+    proc = subprocess.Popen(args, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        lines = [await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20) for _ in range(3)]
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)  # and closes the pipes
+    for line in lines:
+        data = json.loads(line)
+        assert isinstance(data, dict) and "queued" in data, line
+
+
+def test_check_config_json_errors_are_json(tmp_path: Path) -> None:
+    """`check-config --json` with a bad file, or with problems found after loading it (an
+    email integration's sender), prints {"ok": false, "errors": [...]} on stdout and exits 2
+    as before."""
+    bad = write(tmp_path / "bad.toml", "[worker]\nconcurency = 5\n")
+    mail = write(
+        tmp_path / "mail.toml",
+        '[[integrations]]\nname = "mail"\ntype = "email"\nsmtp_host = "localhost"\nfrom = "nope"\n',
+    )
+    for config, needle in ((bad, "worker.concurency"), (mail, "integrations.mail: from:")):
+        result = invoke("check-config", "--json", "--config", str(config))
+        assert result.code == 2, result
+        data = json.loads(result.out)
+        assert data["ok"] is False
+        assert len(data["errors"]) == 1 and needle in data["errors"][0], data
+
+
+def test_check_config_prints_list_items_and_warns(tmp_path: Path) -> None:
+    """Lists are printed item by item (`- value`, not a bare `-`); no Basic auth, no
+    integrations, or a weak admin token each give a `warning: ...` line (text) and an entry
+    of "warnings" (JSON); a configuration with none of them gives no warning."""
+    weak = write(
+        tmp_path / "weak.toml",
+        'admin_token = "short-tok3n"\n[receiver]\ntrusted_proxies = ["10.0.0.0/8", "192.168.0.0/16"]\n',
+    )
+    text = invoke("check-config", "--config", str(weak))
+    assert text.code == 0, text
+    lines = text.out.splitlines()
+    assert "    - 10.0.0.0/8" in lines and "    - 192.168.0.0/16" in lines, text.out
+    assert not [line for line in lines if line.strip() == "-"], text.out
+    warnings = [line for line in text.err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 3, text.err
+    assert any("Basic auth" in w for w in warnings) and any("integration" in w for w in warnings)
+    assert any("admin_token" in w for w in warnings)
+    as_json = invoke("check-config", "--json", "--config", str(weak))
+    data = json.loads(as_json.out)
+    assert data["ok"] is True and len(data["warnings"]) == 3, data
+
+    good = write(
+        tmp_path / "good.toml",
+        f'admin_token = "{secrets.token_urlsafe(32)}"\n'
+        '[receiver]\nbasic_auth_user = "synap"\nbasic_auth_password = "a-long-password"\n'
+        '[[integrations]]\nname = "f"\ntype = "file"\npath = "/tmp/x.jsonl"\n'
+        '[integrations.when]\nexam_ids = ["exm_a", "exm_b"]\n',
+    )
+    clean = invoke("check-config", "--config", str(good))
+    assert clean.code == 0 and "warning" not in clean.err, clean
+    assert "        - exm_a" in clean.out.splitlines(), clean.out
+    assert json.loads(invoke("check-config", "--json", "--config", str(good)).out)["warnings"] == []
+
+
+async def test_rejected_show_json_gives_the_exact_bytes(
+    run: Callable[..., Awaitable[Run]],
+    make_settings: Callable[..., Settings],
+    serve: Callable[[Settings], Awaitable[str]],
+) -> None:
+    """`rejected show --json` has `body_base64`: the bytes exactly as received, also for a
+    body that is not UTF-8 (whose `body` text can only be a lenient decoding)."""
+    url = await serve(make_settings())
+    latin1 = '{"user": {"name": "Zoë"}, "x": '.encode("latin-1")
+    utf8 = '{"user": {"name": "Zoë"}}'.encode()
+    ids = []
+    for body in (latin1, utf8):
+        status, answer = await post(url, body)
+        assert status in (400, 422), answer
+        ids.append(answer["rejected_id"])
+    shown = await asyncio.gather(*(run("rejected", "show", i, "--json") for i in ids))
+    for result, body in zip(shown, (latin1, utf8), strict=True):
+        assert result.code == 0, result
+        assert base64.b64decode(result.json()["body_base64"]) == body
+    assert shown[1].json()["body"] == utf8.decode()
+
+
+def test_dev_port_comes_from_the_settings_unless_given(tmp_path: Path, monkeypatch: Any) -> None:
+    """`dev` listens on `[receiver] port` from the configuration; `--port` overrides it;
+    with neither, 8080."""
+    import cli.dev
+
+    ports: list[int] = []
+    monkeypatch.setattr(cli.dev, "run_dev", lambda settings, *, port, **kw: ports.append(port) or 0)
+    config = write(tmp_path / "examhook.toml", "[receiver]\nport = 18555\n")
+    data_dir = str(tmp_path / "data")
+    for args in (["--config", str(config)], ["--config", str(config), "--port", "9999"], []):
+        result = invoke("dev", "--data-dir", data_dir, *args)
+        assert result.code == 0, result
+    assert ports == [18555, 9999, 8080]

@@ -157,3 +157,111 @@ async def test_erase_takes_the_learner_out_of_a_shared_fanout_job(
     await eventually(lambda: _delivered_count(redis, prefix, 2))
     assert sorted(r.headers["Idempotency-Key"] for r in requests) == sorted([bob, cy])
     assert not [k for k in await all_keys(redis, prefix) if ada in k]  # nothing recreated
+
+
+async def test_erase_matches_exactly_and_its_dry_run_counts_what_it_removes(
+    aiohttp_client: Any,
+    make_settings: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+    prefix: str,
+) -> None:
+    """Learners usr_1, usr_12 and usr_123 (ann@, joann@ and ann@...org.uk): erasing usr_1 (or
+    ann@example.org) touches only that learner, rejected bodies included (compared field by
+    field when they are JSON, as a whole token when they are not), and the dry run's counts
+    are exactly what the erase then removes: events, keys, queued jobs (fan-out jobs, retry
+    jobs waiting for their backoff), failure records and rejected bodies."""
+    from tests.conftest import running_worker
+    from tests.test_cli import dead_url
+
+    destination.responses = [(400, {})] * 3  # each learner's first event fails for good at lms
+    settings = make_settings(
+        [
+            {"name": "lms", "type": "http", "url": destination.url, "max_attempts": 1},
+            {
+                "name": "crm",
+                "type": "http",
+                "url": dead_url(),
+                "backoff_base_seconds": 300,
+                "backoff_max_seconds": 600,
+            },
+        ]
+    )
+    client = await aiohttp_client(create_app(settings))
+    keys = Keys(prefix)
+    learners = [
+        ("usr_1", "ann@example.org"),
+        ("usr_12", "joann@example.org"),
+        ("usr_123", "ann@example.org.uk"),
+    ]
+
+    async def post(body: bytes) -> int:
+        return (await client.post(WEBHOOK_PATH, data=body, headers=WEBHOOK_HEADERS)).status
+
+    for n, (user_id, email) in enumerate(learners):
+        assert await post(learner_event(sample_body, user_id, email, f"att_first{n}")) == 202
+    async with running_worker(settings):
+
+        async def settled() -> bool:
+            return await redis.zcard(keys.failures) == 3 and await redis.zcard(keys.queue) == 3
+
+        await eventually(settled)  # three failures (lms), three retries waiting (crm)
+    for n, (user_id, email) in enumerate(learners):  # queued, no worker: fan-out jobs
+        assert await post(learner_event(sample_body, user_id, email, f"att_second{n}")) == 202
+    # usr_1's second attempt re-released (a new event of the same attempt: one releases key)
+    rereleased = json.loads(learner_event(sample_body, "usr_1", "ann@example.org", "att_second0"))
+    rereleased["attempt"]["audit"]["releasedAt"] = "2026-11-24T10:00:00.000Z"
+    assert await post(json.dumps(rereleased).encode()) == 202
+    # a job key of usr_1's whose queue entry is gone: a key to delete, not a queued job
+    [first_event] = [
+        m.decode().removeprefix(f"{prefix}:").split(":")[0]
+        for m in await redis.zrange(keys.queue, 0, -1)
+        if m.decode().endswith(":crm")
+        and json.loads(await redis.get(keys.event(m.decode().split(":")[1])) or b"{}")["user"]["id"]
+        == "usr_1"
+    ]
+    await redis.set(keys.job(keys.deliver_job_id(first_event, "gone")), b"x", px=60_000)
+    for user_id, email in learners:  # quarantined: JSON that is not an event, and not JSON at all
+        data = json.loads(learner_event(sample_body, user_id, email, "att_x"))
+        data["attempt"]["score"] = "high"
+        assert await post(json.dumps(data).encode()) == 422
+        assert await post(f'{{"user": {{"id": "{user_id}", "email": "{email}"'.encode()) == 400
+    assert await redis.zcard(keys.rejected) == 6
+
+    store = Store(redis, keys, settings.retention)
+    for criteria in ({"user_id": "usr_1"}, {"email": "ANN@example.org"}):
+        dry = await erase_learner(store, dry_run=True, **criteria)
+        real = await erase_learner(store, **criteria)
+        counts = ("events", "keys_deleted", "queued_jobs_removed", "failures_removed", "rejected_removed")
+        assert {c: getattr(dry, c) for c in counts} == {c: getattr(real, c) for c in counts}, criteria
+        if "user_id" in criteria:  # the first pass removed it all; the second finds nothing
+            assert (len(real.events), real.failures_removed, real.rejected_removed) == (3, 1, 2)
+            assert real.queued_jobs_removed == 3  # the crm retry and two fan-out jobs
+    # the other learners are untouched
+    left_rejected = await redis.zcard(keys.rejected)
+    assert left_rejected == 4
+    for user_id, _ in learners[1:]:
+        found = await erase_learner(store, user_id=user_id, dry_run=True)
+        assert len(found.events) == 2 and found.failures_removed == 1 and found.rejected_removed == 2
+
+
+def test_rejected_body_matching_is_exact() -> None:
+    """A JSON body matches on a string value equal to the id (or the address, ignoring case);
+    a body that is not JSON only on a whole token; never on a longer id or address."""
+    from shared.erasure import rejected_body_matches as matches
+
+    body = json.dumps({"user": {"id": "usr_12", "email": "joann@example.org"}, "note": "usr_1"})
+    assert matches(body, "usr_12", None) and matches(body, None, "JoAnn@Example.org")
+    assert matches(body, "usr_1", None)  # a value equal to it, wherever it is
+    assert not matches(body, None, "ann@example.org")
+    assert not matches(json.dumps({"user": {"id": "usr_123"}, "x": "see usr_1"}), "usr_1", None)
+    truncated = '{"user": {"id": "usr_1", "email": "Ann@Example.org"'
+    assert matches(truncated, "usr_1", None) and matches(truncated, None, "ann@example.org")
+    for other in (
+        '{"user": {"id": "usr_12"',
+        '{"id": xusr_1',
+        '{"e": "ann@example.org.uk"',
+        "joann@example.org",
+    ):
+        assert not matches(other, "usr_1", "ann@example.org"), other

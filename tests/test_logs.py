@@ -1,4 +1,5 @@
-"""Log helpers: repeated warnings are rate-limited and say how many were left out."""
+"""Log helpers: the text format (``examhook dev``, a terminal) renders extra fields as
+``key=value``; repeated warnings are rate-limited and say how many were left out."""
 
 from __future__ import annotations
 
@@ -6,7 +7,32 @@ import logging
 
 import pytest
 
-from shared.logs import Repeats
+from shared.logs import Repeats, TextFormatter
+
+
+def record(**extra: object) -> logging.LogRecord:
+    made = logging.LogRecord("examhook.ingest", logging.INFO, "", 0, "queued", None, None)
+    made.__dict__.update(extra)
+    return made
+
+
+def test_text_log_renders_extra_fields_as_key_value_pairs() -> None:
+    """Nested extras (the receiver's `queued` line carries a mapping of event ids to attempt
+    ids, and a list of duplicates) become flat `key=value` pairs, never a Python repr; text
+    with spaces is quoted."""
+    line = TextFormatter().format(
+        record(
+            accepted={"evt_a": "att_1", "evt_b": "att_2"},
+            duplicate=["evt_c", "evt_d"],
+            error="ConnectionError: refused",
+            port=8080,
+        )
+    )
+    assert "{" not in line and "[" not in line and "'" not in line, line
+    assert "accepted.evt_a=att_1 accepted.evt_b=att_2" in line, line
+    assert "duplicate=evt_c,evt_d" in line, line
+    assert 'error="ConnectionError: refused"' in line, line
+    assert line.endswith("port=8080"), line
 
 
 def test_a_repeating_warning_is_logged_once_per_period_with_the_count_left_out(
