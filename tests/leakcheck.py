@@ -147,7 +147,7 @@ class Collector:
                     self._log.write(formatter.format(record).replace("\n", "\\n") + "\n")
             handle(logger, record)
 
-        logging.Logger.handle = handle_and_keep  # type: ignore[method-assign]
+        logging.Logger.handle = handle_and_keep  # type: ignore[method-assign,assignment]
         self._undo.append(lambda: setattr(logging.Logger, "handle", handle))
 
         from click.testing import CliRunner
@@ -160,7 +160,7 @@ class Collector:
             self.keep_cli_output(["python", "-m", "cli.main", *map(str, words)], result)
             return result
 
-        CliRunner.invoke = invoke_and_keep  # type: ignore[method-assign]
+        CliRunner.invoke = invoke_and_keep  # type: ignore[method-assign,assignment]
         self._undo.append(lambda: setattr(CliRunner, "invoke", invoke))
 
         import shared.settings

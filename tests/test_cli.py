@@ -1286,7 +1286,7 @@ def test_dev_port_comes_from_the_settings_unless_given(tmp_path: Path, monkeypat
     import cli.dev
 
     ports: list[int] = []
-    monkeypatch.setattr(cli.dev, "run_dev", lambda settings, *, port, **kw: ports.append(port) or 0)
+    monkeypatch.setattr(cli.dev, "run_dev", lambda settings, *, port, **kw: ports.append(port))
     config = write(tmp_path / "examhook.toml", "[receiver]\nport = 18555\n")
     data_dir = str(tmp_path / "data")
     for args in (["--config", str(config)], ["--config", str(config), "--port", "9999"], []):

@@ -230,7 +230,8 @@ async def test_erase_matches_exactly_and_its_dry_run_counts_what_it_removes(
     assert await redis.zcard(keys.rejected) == 6
 
     store = Store(redis, keys, settings.retention)
-    for criteria in ({"user_id": "usr_1"}, {"email": "ANN@example.org"}):
+    each: list[dict[str, Any]] = [{"user_id": "usr_1"}, {"email": "ANN@example.org"}]
+    for criteria in each:
         dry = await erase_learner(store, dry_run=True, **criteria)
         real = await erase_learner(store, **criteria)
         counts = ("events", "keys_deleted", "queued_jobs_removed", "failures_removed", "rejected_removed")

@@ -80,7 +80,7 @@ class _Tee:
             self._copy.flush()
         except (OSError, ValueError):
             pass
-        return written  # type: ignore[no-any-return]
+        return written
 
     def writelines(self, lines: Any) -> None:
         for line in lines:
