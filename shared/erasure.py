@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from shared.contract import Keys, job_serializer
 from shared.inspection import fanout_batches
 from shared.payload import decoder
-from shared.store import Rejected, Store
+from shared.store import Rejected, Store, lua_script
 
 
 class ErasureReport(msgspec.Struct):
@@ -51,7 +51,7 @@ async def erase_learner(
     wanted_email = email.casefold() if email else None
 
     events: dict[str, tuple[str, str]] = {}  # event id -> (attempt id, exam id)
-    async for key in redis.scan_iter(match=f"{keys.prefix}:event:*", count=1000):
+    async for key in redis.scan_iter(match=keys.event_pattern, count=1000):
         body = await redis.get(key)
         if body is None:
             continue
@@ -138,7 +138,7 @@ async def erase_learner(
     if rejected_ids:
         rejected = int(results[index])
     # a fan-out job that also carries other learners' events goes back without these
-    rewrite = redis.register_script(_REWRITE_JOB)
+    rewrite = redis.register_script(lua_script("rewrite_job"))
     payload_ttl = store.payload_ttl_ms
     for job_id, raw, job, keep in batches:
         new_id = keys.new_fanout_job_id(len(keep)) if keep else ""
@@ -156,22 +156,6 @@ async def erase_learner(
     return ErasureReport(sorted(events), deleted, queued, failures, rejected)
 
 
-# Atomically, unless the job started or changed since it was read: take it out of the queue
-# and put the rewritten job (if any events are left) in its place, due at the same time.
-_REWRITE_JOB = """
-if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
-local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not due then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2], KEYS[4])
-if ARGV[3] ~= '' then
-  redis.call('SET', KEYS[5], ARGV[4], 'PX', ARGV[5])
-  redis.call('ZADD', KEYS[1], due, ARGV[3])
-end
-return 1
-"""
-
-
 async def _fanout_jobs_carrying(
     store: Store, event_ids: set[str]
 ) -> list[tuple[str, bytes, dict[str, Any], list[Any]]]:
@@ -180,7 +164,7 @@ async def _fanout_jobs_carrying(
     redis, keys = store.redis, store.keys
     found = []
     async for job_id, raw, job in fanout_batches(redis, keys):
-        if await redis.exists(f"arq:in-progress:{job_id}"):
+        if await redis.exists(keys.in_progress(job_id)):
             continue  # a running job finds the bodies gone (README, Personal data)
         entries = job["a"][0]
         keep = [entry for entry in entries if entry[0] not in event_ids]

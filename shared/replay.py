@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from importlib.resources import files
 from typing import Any
 
 import msgspec
@@ -21,11 +20,11 @@ import msgspec
 from shared.contract import DELIVER, encode_job, released_ms
 from shared.payload import ExamResultsReleased, decoder, error_path
 from shared.report import Target
-from shared.store import Incoming, Store, now_ms
+from shared.store import Incoming, Store, lua_script, now_ms
 from worker.filters import matches
 
 PAIRS_PER_CALL = 200
-_REPLAY_LUA = (files("shared") / "lua" / "replay.lua").read_text(encoding="utf-8")
+_REPLAY_LUA = lua_script("replay")
 SKIP_REASONS = ("pending", "locked", "superseded", "expired")
 
 

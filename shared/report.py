@@ -24,7 +24,6 @@ import io
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.resources import files
 from typing import Any, Literal, cast
 
 import msgspec
@@ -32,7 +31,7 @@ import msgspec
 from shared.inspection import iso
 from shared.payload import CustomValue, ExamResultsReleased, decoder, parse_time
 from shared.settings import IntegrationConfig, When
-from shared.store import Store, now_ms
+from shared.store import Store, lua_script, now_ms
 from worker.filters import matches
 
 State = Literal["delivered", "pending", "failed", "skipped", "superseded"]
@@ -44,7 +43,7 @@ _CODES: dict[str, State] = {"d": "delivered", "f": "failed", "s": "superseded"}
 CHUNK = 250
 CALLS_AT_ONCE = 4
 
-_REPORT_LUA = (files("shared") / "lua" / "report.lua").read_text(encoding="utf-8")
+_REPORT_LUA = lua_script("report")
 
 
 # -- the little of a body a report reads -----------------------------------------------------

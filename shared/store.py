@@ -38,7 +38,8 @@ from shared.redis_conn import SOCKET_TIMEOUT_SECONDS
 from shared.settings import RetentionConfig
 
 
-def _script(name: str) -> str:
+def lua_script(name: str) -> str:
+    """The text of ``shared/lua/<name>.lua``."""
     return (files("shared") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
@@ -164,15 +165,15 @@ class Store:
         self.redis = redis
         self.keys = keys
         self.retention = retention
-        self._ingest = redis.register_script(_script("ingest"))
-        self._claim = redis.register_script(_script("claim"))
-        self._record = redis.register_script(_script("record"))
-        self._release = redis.register_script(_script("release"))
-        self._keep_lock = redis.register_script(_script("keep_lock"))
-        self._enqueue = redis.register_script(_script("enqueue"))
-        self._unmatched = redis.register_script(_script("unmatched"))
-        self._retry = redis.register_script(_script("retry"))
-        self._purge = redis.register_script(_script("purge"))
+        self._ingest = redis.register_script(lua_script("ingest"))
+        self._claim = redis.register_script(lua_script("claim"))
+        self._record = redis.register_script(lua_script("record"))
+        self._release = redis.register_script(lua_script("release"))
+        self._keep_lock = redis.register_script(lua_script("keep_lock"))
+        self._enqueue = redis.register_script(lua_script("enqueue"))
+        self._unmatched = redis.register_script(lua_script("unmatched"))
+        self._retry = redis.register_script(lua_script("retry"))
+        self._purge = redis.register_script(lua_script("purge"))
 
     @property
     def payload_ttl_ms(self) -> int:

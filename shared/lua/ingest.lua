@@ -114,7 +114,8 @@ local function enqueue()
   entries = {}
 end
 for _, event in ipairs(accepted) do
-  entries[#entries + 1] = ARGV[event[2] + 2]
+  local job_entry = ARGV[event[2] + 2]
+  entries[#entries + 1] = job_entry
   if #entries == max_per_job then enqueue() end
 end
 if #entries > 0 then enqueue() end

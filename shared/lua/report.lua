@@ -35,10 +35,11 @@ for index = 0, #ARGV - FIRST_EVENT do
   local states = {}
   for n = 0, count - 1 do
     local pair_key, delivered_key = KEYS[key + 1 + 2 * n], KEYS[key + 2 + 2 * n]
+    local integration = ARGV[FIRST_NAME + n]
     local state
     if redis.call('EXISTS', delivered_key) == 1 then
       state = 'd'
-    elseif redis.call('ZSCORE', failures_key, event_id .. ':' .. ARGV[FIRST_NAME + n]) then
+    elseif redis.call('ZSCORE', failures_key, event_id .. ':' .. integration) then
       state = 'f'
     else
       local status = redis.call('HGET', pair_key, 'status')
