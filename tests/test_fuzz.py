@@ -14,7 +14,6 @@ test server, on the test's Redis and key prefix). The properties that must hold 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import copy
 import json
@@ -34,9 +33,9 @@ from ingest.app import WEBHOOK_PATH, create_app
 from shared.contract import Keys
 from shared.payload import ExamResultsReleased, decoder
 from shared.settings import Settings
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, SYNAP_BASIC
 
-AUTH = {"Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode()}
+AUTH = {"Authorization": SYNAP_BASIC}
 JSON = {"Content-Type": "application/json", **AUTH}
 DOCUMENTED = {200, 202, 400, 413, 415, 422}
 SAMPLE_DATA: dict[str, Any] = json.loads(SAMPLE.read_bytes())

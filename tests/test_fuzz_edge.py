@@ -9,7 +9,6 @@ record carries a traceback (a client's mistake is not the server's error).
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -23,11 +22,11 @@ from hypothesis import strategies as st
 
 from ingest.admin.security import BEARER_SESSION, LOGIN_COOKIE, SESSION_COOKIE, AdminAuth
 from ingest.app import WEBHOOK_PATH, create_app
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, SYNAP_BASIC
 
 Client = TestClient[Any, Any]
 TOKEN = "admin-token-fuzz-Qm4e"
-GOOD_BASIC = "Basic " + base64.b64encode(b"synap:s3cret").decode()
+GOOD_BASIC = SYNAP_BASIC
 CSRF = AdminAuth(TOKEN).csrf_token(BEARER_SESSION)
 
 FUZZ = settings(

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests import leakcheck
-from tests.conftest import _COLLECTOR
-from tests.test_cli import clean_env, examhook, invoke
+from tests.conftest import _COLLECTOR, clean_env
+from tests.test_cli import examhook, invoke
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import re
@@ -19,9 +18,9 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from ingest.app import WEBHOOK_PATH, create_app
-from tests.conftest import eventually
+from tests.conftest import SYNAP_BASIC, eventually
 
-BASIC = {"Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode()}
+BASIC = {"Authorization": SYNAP_BASIC}
 TOKEN = "metrics-token-Vx81mQa2"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 

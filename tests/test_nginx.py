@@ -28,11 +28,11 @@ from aiohttp import web
 
 from ingest.admin.security import LOGIN_COOKIE, SESSION_COOKIE
 from ingest.app import WEBHOOK_PATH, create_app
-from tests.conftest import eventually
+from tests.conftest import SYNAP_BASIC, eventually
 
 SHIPPED = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "examhook.conf"
 GOOD = {
-    "Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode(),
+    "Authorization": SYNAP_BASIC,
     "Content-Type": "application/json",
 }
 BAD = {

@@ -29,7 +29,7 @@ from ingest.app import WEBHOOK_PATH, create_app
 from shared.contract import event_id_of
 from shared.payload import decoder, parse_time
 from shared.settings import ConfigError, PostgresIntegration, Settings, settings_from_dict
-from tests.conftest import eventually
+from tests.conftest import SYNAP_BASIC, eventually
 from worker.integrations.base import Delivery, PermanentError, TransientError
 from worker.integrations.postgres import (
     MAX_TABLE_NAME,
@@ -39,7 +39,7 @@ from worker.integrations.postgres import (
 )
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-AUTH = {"Authorization": "Basic c3luYXA6czNjcmV0"}  # synap:s3cret
+AUTH = {"Authorization": SYNAP_BASIC}
 LATER = "2026-11-30T10:00:00.000Z"
 
 

@@ -15,9 +15,9 @@ from redis.asyncio import Redis
 
 from ingest.app import create_app
 from shared.settings import Settings, settings_from_dict
-from tests.conftest import post_event
+from tests.conftest import clean_env, free_port, post_event
 from tests.results_day import learner, write_config
-from tests.test_cli import clean_env, examhook, free_port
+from tests.test_cli import examhook
 from worker.integrations.email import EarlierRelease, check_templates, render_templates, sample_events
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]

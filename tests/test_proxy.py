@@ -18,9 +18,10 @@ from aiohttp.test_utils import TestClient
 from ingest.admin.security import LOGIN_COOKIE, SESSION_COOKIE
 from ingest.app import WEBHOOK_PATH, create_app
 from shared.settings import ConfigError
+from tests.conftest import SYNAP_BASIC
 
 Client = TestClient[Any, Any]
-GOOD = "Basic " + base64.b64encode(b"synap:s3cret").decode()
+GOOD = SYNAP_BASIC
 BAD = "Basic " + base64.b64encode(b"synap:guess").decode()
 ADMIN_TOKEN = "admin-token-proxy-9Kd"
 

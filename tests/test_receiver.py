@@ -20,8 +20,9 @@ from shared.contract import MAX_EVENTS_PER_JOB, Keys
 from shared.inspection import Inspector, queued_fanout_jobs
 from shared.settings import RetentionConfig, Settings
 from shared.store import Store
+from tests.conftest import SYNAP_BASIC
 
-AUTH = {"Authorization": "Basic " + base64.b64encode(b"synap:s3cret").decode()}
+AUTH = {"Authorization": SYNAP_BASIC}
 JSON = {"Content-Type": "application/json", **AUTH}
 
 

@@ -18,9 +18,9 @@ from shared.replay import Replayer
 from shared.report import Target
 from shared.settings import Settings
 from shared.store import Rejected, Store, now_ms
-from tests.conftest import eventually, post_event, running_worker
+from tests.conftest import SYNAP_BASIC, clean_env, eventually, free_port, post_event, running_worker
 from tests.results_day import EXAM, Picky, learner, picky_fixture, write_config  # noqa: F401
-from tests.test_cli import clean_env, examhook, free_port
+from tests.test_cli import examhook
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -274,7 +274,7 @@ async def test_rejected_replay_accepts_a_fixed_body_and_keeps_a_still_broken_one
     response = await client.post(
         "/webhooks/exam-results-released",
         data=json.dumps(broken),
-        headers={"Content-Type": "application/json", "Authorization": "Basic c3luYXA6czNjcmV0"},
+        headers={"Content-Type": "application/json", "Authorization": SYNAP_BASIC},
     )
     assert response.status == 422
     broken_id = (await response.json())["rejected_id"]

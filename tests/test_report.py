@@ -19,9 +19,9 @@ from shared.contract import Keys
 from shared.report import Reporter, Target
 from shared.settings import Settings
 from shared.store import Store, now_ms
-from tests.conftest import eventually, post_event
+from tests.conftest import clean_env, eventually, free_port, post_event
 from tests.results_day import EXAM, Picky, learner, picky_fixture, write_config  # noqa: F401
-from tests.test_cli import clean_env, examhook, free_port
+from tests.test_cli import examhook
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 REFUSED = b'"att_rd1"'  # the LMS refuses learner 1

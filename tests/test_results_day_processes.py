@@ -16,17 +16,15 @@ from redis.asyncio import Redis
 from shared.contract import Keys
 from shared.settings import load_settings
 from shared.store import Rejected, Store, now_ms
-from tests.conftest import eventually
+from tests.conftest import clean_env, eventually, free_port
 from tests.results_day import EXAM, Picky, learner, picky_fixture, write_config  # noqa: F401
 from tests.test_cli import (
     AUTH,
     SCRIPT,
     WEBHOOK,
     background,
-    clean_env,
     dev_state,
     examhook,
-    free_port,
     post,
     stop_dev,
     wait_healthy,

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from shared.contract import Keys
 from shared.inspection import queued_fanout_jobs
-from tests.conftest import WEBHOOK_HEADERS, Destination, eventually, post_event, with_attempt
+from tests.conftest import WEBHOOK_HEADERS, Destination, eventually, post_event, wait_exit, with_attempt
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +43,6 @@ def spawn(config: Path, *args: str) -> subprocess.Popen[bytes]:
     for name in ("EXAMHOOK_REDIS_URL", "EXAMHOOK_BASIC_AUTH_USER", "EXAMHOOK_BASIC_AUTH_PASSWORD"):
         env.pop(name, None)
     return subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env)
-
-
-async def wait_exit(process: subprocess.Popen[bytes], timeout: float) -> int:
-    return await asyncio.wait_for(asyncio.to_thread(process.wait), timeout)
 
 
 async def sigterm_mid_delivery(worker: subprocess.Popen[bytes], destination: Destination) -> None:

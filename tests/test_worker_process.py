@@ -8,22 +8,8 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from shared.contract import Keys
-from tests.conftest import eventually
-from tests.test_cli import (
-    SCRIPT,
-    assert_one_error_line,
-    background,
-    clean_env,
-    env,
-    examhook,
-    free_port,
-    http_ok,
-    wait_exit,
-    workdir,
-    write,
-)
-
-__all__ = ["env", "workdir"]  # fixtures used here
+from tests.conftest import clean_env, eventually, free_port, wait_exit
+from tests.test_cli import SCRIPT, assert_one_error_line, background, examhook, http_ok, write
 
 
 def _config(tmp_path: Path, extra: str = "") -> Path:
