@@ -317,10 +317,12 @@ async def test_event_that_waited_too_long_for_a_slot_goes_to_a_new_job(
         events.append(Incoming.of(decoder.decode(body), body))
     assert all(await store.accept_batch(events))  # one job; the 2nd event waits for the slot
     destination.hang = 1.2  # the 2nd could start 1.2 s into a 2.0 s run: too late for 1.5 + 1
-    await start_worker(settings, concurrency=1)
+    worker = await start_worker(settings, concurrency=1)
     await eventually(lambda: delivered(redis, settings.redis.prefix, len(events)), timeout=20)
     keys = [r.headers["Idempotency-Key"] for r in destination.requests]
     assert sorted(keys) == sorted(e.event_id for e in events)  # each exactly once
+    handed_on = worker.ctx["metrics"].handed_on.labels("lms")._value.get()
+    assert handed_on == 1, "the late event must have gone to a job of its own"
 
 
 async def test_one_failing_integration_does_not_affect_another(
