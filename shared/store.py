@@ -58,6 +58,7 @@ def _resp(args: list[Any]) -> bytes:
 
 
 _MULTI = _pack(("MULTI",))
+ScriptCall = tuple[list[Any], list[Any]]  # (keys, args) of one run of a Lua script
 _EXEC = _pack(("EXEC",))
 
 
@@ -167,6 +168,8 @@ class Store:
         self.retention = retention
         self._ingest = redis.register_script(lua_script("ingest"))
         self._claim = redis.register_script(lua_script("claim"))
+        # a fan-out job claims its events all at once: their claims share one round trip
+        self._claims = _SameTurn(self, self._claim)
         self._record = redis.register_script(lua_script("record"))
         self._release = redis.register_script(lua_script("release"))
         self._keep_lock = redis.register_script(lua_script("keep_lock"))
@@ -324,9 +327,9 @@ class Store:
         keys = [k.event(event_id), k.stats, k.failures, k.seen(event_id)]
         for name in integrations:
             keys += [k.pair(event_id, name), k.lock(event_id, name), k.delivered(event_id, name)]
-        result = await self._claim(
-            keys=keys,
-            args=[
+        result = await self._claims(
+            keys,
+            [
                 event_id,
                 attempt_id,
                 released_ms,
@@ -413,12 +416,41 @@ class Store:
         """Record several outcomes in one round trip. Each is its own atomic script: the
         answer per outcome is its attempt count, or the error Redis gave for it (a refused
         write); a lost connection raises (which of them ran is unknown: each is idempotent)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for outcome in outcomes:
-                keys, args = self._record_call(outcome)
-                await self._record(keys=keys, args=args, client=pipe)  # queued, sent by execute()
-            results = await pipe.execute(raise_on_error=False)
+        calls = [self._record_call(outcome) for outcome in outcomes]
+        results = await self.scripts_at_once(self._record, calls)
         return [r if isinstance(r, BaseException) else int(r) for r in results]
+
+    async def scripts_at_once(
+        self, script: AsyncScript, calls: list[tuple[list[Any], list[Any]]]
+    ) -> list[Any]:
+        """Run ``script`` once per (keys, args) call, all sent in one round trip on a pooled
+        connection: each run's reply, or the error Redis gave for it. An unknown script (a
+        restarted or another server) is loaded and its runs sent once more."""
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()
+        try:
+            replies: list[Any] = [None] * len(calls)
+            todo = list(range(len(calls)))
+            for _ in range(2):
+                packed = [
+                    _pack(("EVALSHA", script.sha, len(calls[n][0]), *calls[n][0], *calls[n][1])) for n in todo
+                ]
+                answers = await _exchange(connection, packed)
+                unknown = []
+                for n, answer in zip(todo, answers, strict=True):
+                    if isinstance(answer, NoScriptError) or (
+                        isinstance(answer, ResponseError) and str(answer).startswith("NOSCRIPT")
+                    ):
+                        unknown.append(n)
+                    replies[n] = answer
+                if not unknown:
+                    break
+                sha = await _command(connection, ["SCRIPT", "LOAD", script.script])
+                script.sha = sha.decode() if isinstance(sha, bytes) else sha
+                todo = unknown
+            return replies
+        finally:
+            await pool.release(connection)
 
     async def release(self, event_id: str, integration: str, token: str, *, may_have_sent: bool) -> bool:
         """Give up a pair's claim without recording an outcome (see release.lua)."""
@@ -575,3 +607,50 @@ async def _command(connection: Any, command: list[Any]) -> Any:
 
 def new_token() -> str:
     return secrets.token_hex(8)
+
+
+class _SameTurn:
+    """Runs of one Lua script asked for in the same event-loop turn, sent to Redis together
+    (:meth:`Store.scripts_at_once`): a fan-out job's events each claim their pairs, and
+    those claims share one round trip instead of one each. Each run is still atomic alone."""
+
+    def __init__(self, store: Store, script: AsyncScript) -> None:
+        self._store = store
+        self._script = script
+        self._waiting: list[tuple[list[Any], list[Any], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, keys: list[Any], args: list[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((keys, args, answer))
+        if len(self._waiting) == 1:
+            # the others of this turn join before it runs (call_soon: after this turn)
+            loop.call_soon(self._send_waiting)
+        return await answer
+
+    def _send_waiting(self) -> None:
+        batch, self._waiting = self._waiting, []
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[list[Any], list[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            replies = await self._store.scripts_at_once(self._script, [(k, a) for k, a, _ in batch])
+        except Exception as exc:  # no answer for any of them (the connection, a timeout)
+            for _, _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        except asyncio.CancelledError:
+            for _, _, answer in batch:
+                answer.cancel()
+            raise
+        for (_, _, answer), reply in zip(batch, replies, strict=True):
+            if answer.done():
+                continue  # its caller gave up waiting
+            if isinstance(reply, BaseException):
+                answer.set_exception(reply)
+            else:
+                answer.set_result(reply)
