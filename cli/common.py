@@ -133,6 +133,12 @@ def check_integration(settings: Settings, name: str | None, *, stored: bool = Tr
     fail(f"no integration named {name!r} (configured: {known})", code=1)
 
 
+def learner_label(row: dict[str, Any]) -> str:
+    """A delivery row's learner for a table: ``name (id)``, ``?`` / ``expired`` where the
+    body is gone."""
+    return f"{row['user_name'] or '?'} ({row['user_id'] or 'expired'})"
+
+
 def print_json(data: Any) -> None:
     click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2).decode())
 

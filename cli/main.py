@@ -24,6 +24,7 @@ from cli.common import (
     fail,
     inspection_settings,
     json_option,
+    learner_label,
     print_json,
     print_table,
     require_selection,
@@ -520,7 +521,7 @@ def failures_list(
         print_json(data)
         return
     for row in data:
-        row["learner"] = f"{row['user_name'] or '?'} ({row['user_id'] or 'expired'})"
+        row["learner"] = learner_label(row)
     print_table(
         data,
         ["event_id", "integration", "learner", "exam_id", "attempts", "last_attempt_at", "last_error"],

@@ -21,6 +21,7 @@ from cli.common import (
     fail,
     inspection_settings,
     json_option,
+    learner_label,
     print_json,
     print_table,
     run_inspection,
@@ -262,7 +263,7 @@ def retries_list(integration: str | None, as_json: bool, data_dir: str, config_p
         print_json(data)
         return
     for row in data:
-        row["learner"] = f"{row['user_name'] or '?'} ({row['user_id'] or 'expired'})"
+        row["learner"] = learner_label(row)
         row["due_in"] = f"{row['due_in_seconds']:g}s"
     print_table(
         data,

@@ -355,8 +355,10 @@ async def _pairs_from(form: MultiDictProxy[Any], inspector: Inspector) -> list[t
     return [(event_id, integration)]
 
 
-@protected
-async def failures_retry(request: web.Request) -> web.StreamResponse:
+async def _on_pairs(
+    request: web.Request, act: Callable[[Inspector, list[tuple[str, str]]], Awaitable[str]]
+) -> web.StreamResponse:
+    """A form naming failed pairs (one, or all): ``act`` on them, then back with its message."""
     form = await read_form(request)
     if form is None:
         return bad_form()
@@ -364,23 +366,27 @@ async def failures_retry(request: web.Request) -> web.StreamResponse:
     pairs = await _pairs_from(form, inspector)
     if isinstance(pairs, str):
         return redirect_back(request, form, pairs)
-    queued, skipped = await inspector.retry(pairs)
-    message = f"queued {queued}"
-    if skipped:
-        message += f", skipped {skipped} (already delivered, no longer failed, or payload expired)"
-    return redirect_back(request, form, message)
+    return redirect_back(request, form, await act(inspector, pairs))
+
+
+@protected
+async def failures_retry(request: web.Request) -> web.StreamResponse:
+    async def retry(inspector: Inspector, pairs: list[tuple[str, str]]) -> str:
+        queued, skipped = await inspector.retry(pairs)
+        message = f"queued {queued}"
+        if skipped:
+            message += f", skipped {skipped} (already delivered, no longer failed, or payload expired)"
+        return message
+
+    return await _on_pairs(request, retry)
 
 
 @protected
 async def failures_purge(request: web.Request) -> web.StreamResponse:
-    form = await read_form(request)
-    if form is None:
-        return bad_form()
-    inspector = _inspector(request)
-    pairs = await _pairs_from(form, inspector)
-    if isinstance(pairs, str):
-        return redirect_back(request, form, pairs)
-    return redirect_back(request, form, f"purged {await inspector.purge(pairs)}")
+    async def purge(inspector: Inspector, pairs: list[tuple[str, str]]) -> str:
+        return f"purged {await inspector.purge(pairs)}"
+
+    return await _on_pairs(request, purge)
 
 
 @protected
