@@ -398,6 +398,32 @@ async def test_file_integration_does_not_repeat_after_interrupted_attempt(
     assert len(sink.read_bytes().splitlines()) == 1
 
 
+async def test_file_lines_asked_for_together_are_written_together_each_once(
+    sample_body: bytes, tmp_path: Path
+) -> None:
+    """Deliveries to a file that come in while a write is under way share one locked, fsynced
+    write; each event's line is there exactly once, and an attempt that may have written
+    before finds its own line by exact event id (evt_1 is not evt_12)."""
+    from shared.payload import decoder
+    from shared.settings import FileIntegration
+    from worker.integrations.base import Delivery
+    from worker.integrations.file import FileDelivery
+
+    sink = tmp_path / "d.jsonl"
+    integration = FileDelivery(FileIntegration(name="f", path=str(sink)))
+    await integration.start()
+    event = decoder.decode(sample_body)
+    assert await integration.deliver(Delivery("evt_12", sample_body, event, 1)) == "written"
+    ids = [f"evt_{n}" for n in range(1, 101)]
+    answers = await asyncio.gather(
+        *(integration.deliver(Delivery(i, sample_body, event, 2, maybe_sent_before=True)) for i in ids)
+    )
+    assert answers.count("already written") == 1 and answers[ids.index("evt_12")] == "already written"
+    written = [json.loads(line)["event_id"] for line in sink.read_bytes().splitlines()]
+    assert sorted(written) == sorted(ids)
+    assert integration.writes < 1 + len(ids) // 2, integration.writes
+
+
 async def test_newer_release_supersedes_a_waiting_older_one(
     aiohttp_client: Any,
     make_settings: Any,
