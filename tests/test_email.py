@@ -591,3 +591,66 @@ async def test_end_to_end_through_receiver_and_worker(
         return bool(await redis.exists(Keys(prefix).delivered(evt, "mail")))
 
     assert await eventually(delivered)
+
+
+MIME_CASES = [
+    ("Your result", "Ada Lovelace", "Exams <exams@school.example>", "plain text\n", "<p>x</p>\n"),
+    ("Résultat : réussi ✓", "Zoë Ångström-Łukasiewicz", "Examens <exams@école.example>", "é\n", "<p>é</p>"),
+    ("x" * 200 + " " + "y" * 200, 'O\'Brien, "Jr." (the 2nd)', "exams@school.example", "a" * 300, "b"),
+    (
+        "=?utf-8?q?not-a-word?=",
+        "Łukasz " * 20,
+        "Exams Office <exams@school.example>",
+        "t \n.\n=3D\n",
+        "h\t\n",
+    ),
+]
+
+
+@pytest.mark.parametrize(("subject", "name", "sender", "text", "html"), MIME_CASES)
+def test_the_mime_bytes_read_back_as_the_email_packages_message(
+    subject: str, name: str, sender: str, text: str, html: str
+) -> None:
+    """The message written out directly (mime.Draft.as_bytes, what is sent) reads back, with
+    the email package's parser, as the same headers and parts as the ``EmailMessage`` of the
+    same draft (what preview-email shows, and what is sent when SMTPUTF8 is needed)."""
+    from email import message_from_bytes
+    from email import policy as email_policy
+    from email.headerregistry import Address
+
+    from worker.integrations.email.addresses import checked_address
+    from worker.integrations.email.mime import Draft, now_date
+
+    to = Address(display_name=name, username="learner7", domain="example.org")
+    from_ = checked_address(sender, "from", allow_display_name=True)
+    reply = checked_address("Office <office@school.example>", "reply_to", allow_display_name=True)
+    draft = Draft(subject, from_, to, reply, "evt_0123", text, html, now_date())
+    written = draft.as_bytes()
+    assert written is not None and written.isascii()
+    assert max(len(line) for line in written.split(b"\n")) <= 998
+    read = message_from_bytes(written, policy=email_policy.default)
+    reference = draft.message()
+    for header, _ in draft.headers():
+        assert str(read[header]) == str(reference[header]), header
+    assert read.get_content_type() == "multipart/alternative"
+    for subtype, body in (("plain", text), ("html", html)):
+        part = read.get_body((subtype,))
+        assert part is not None
+        assert part.get_content() == reference.get_body((subtype,)).get_content()  # type: ignore[union-attr]
+        assert part.get_content().replace("\r\n", "\n") == body if body.endswith("\n") else True
+
+
+def test_a_message_the_mime_writer_cannot_carry_falls_back_to_the_email_package() -> None:
+    """An address that needs SMTPUTF8, or a name too long for one header line, makes
+    ``as_bytes`` give way (None) to the email package, which can carry both."""
+    from email.headerregistry import Address
+
+    from worker.integrations.email.mime import Draft, now_date
+
+    sender = Address(username="exams", domain="school.example")
+    utf8 = Address(display_name="Zoë", username="zoë", domain="example.org")
+    long_name = Address(display_name="A" * 2000, username="a", domain="example.org")
+    for to in (utf8, long_name):
+        draft = Draft("s", sender, to, None, "evt_1", "t", "h", now_date())
+        assert draft.as_bytes() is None
+        assert draft.message()["To"] is not None

@@ -9,7 +9,6 @@ import logging
 import re
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formatdate
 from typing import NoReturn
 
 import aiosmtplib
@@ -26,6 +25,7 @@ from worker.integrations.base import (
     UnknownOutcome,
 )
 from worker.integrations.email.addresses import check_addresses, checked_address
+from worker.integrations.email.mime import Draft, now_date
 from worker.integrations.email.templates import TemplateProblem, check_templates, render_templates
 
 log = logging.getLogger("examhook.worker.email")
@@ -111,8 +111,9 @@ class EmailDelivery(Integration[EmailIntegration]):
 
     # -- message
 
-    def build_message(self, delivery: Delivery) -> tuple[EmailMessage, str, list[str]]:
-        """(message, envelope sender, envelope recipients: the learner first, then bcc)."""
+    def draft(self, delivery: Delivery) -> tuple[Draft, str, list[str]]:
+        """(the message's content, envelope sender, envelope recipients: the learner first,
+        then bcc); raises :class:`PermanentError` for an address or template that cannot work."""
         config, event = self.config, delivery.event
         learner = checked_address(event.user.email, "user.email")
         sender = _configured_address(config.from_address, "from", allow_display_name=True)
@@ -124,31 +125,25 @@ class EmailDelivery(Integration[EmailIntegration]):
             subject, text, html = render_templates(config, event, delivery.event_id, delivery.earlier)
         except TemplateProblem as exc:
             raise PermanentError(f"template error: {exc}") from None
-
-        message = EmailMessage()
-        message["Subject"] = subject
-        message["From"] = sender
         # a line break in a header would be refused by the email package: fold the name
         name = " ".join(event.user.name.split())
-        message["To"] = Address(display_name=name, username=learner.username, domain=learner.domain)
-        if reply_to is not None:
-            message["Reply-To"] = reply_to
-        message["Date"] = formatdate(localtime=False, usegmt=True)
-        message["Message-ID"] = f"<{delivery.event_id}@{sender.domain}>"
-        message["X-Examhook-Event-Id"] = delivery.event_id
-        # RFC 3834: an automatic message; out-of-office responders should not answer it.
-        message["Auto-Submitted"] = "auto-generated"
-        message.set_content(text)
-        message.add_alternative(html, subtype="html")
+        to = Address(display_name=name, username=learner.username, domain=learner.domain)
+        draft = Draft(subject, sender, to, reply_to, delivery.event_id, text, html, now_date())
         recipients = [learner.addr_spec, *(b.addr_spec for b in bcc if b.addr_spec != learner.addr_spec)]
-        return message, sender.addr_spec, recipients
+        return draft, sender.addr_spec, recipients
+
+    def build_message(self, delivery: Delivery) -> tuple[EmailMessage, str, list[str]]:
+        """(message, envelope sender, envelope recipients), the message as ``EmailMessage``."""
+        draft, sender, recipients = self.draft(delivery)
+        return draft.message(), sender, recipients
 
     # -- delivery
 
     async def deliver(self, delivery: Delivery) -> str:
-        message, sender, recipients = self.build_message(delivery)
+        draft, sender, recipients = self.draft(delivery)
+        content = draft.as_bytes() or draft.message()
         async with self._gate:  # a free connection: not part of the timeout
-            send = _Send(self, delivery, message, sender, recipients)
+            send = _Send(self, delivery, content, sender, recipients)
             status = await send.run()
         log.debug(
             "email sent",
@@ -229,7 +224,7 @@ class _Send:
         self,
         owner: EmailDelivery,
         delivery: Delivery,
-        message: EmailMessage,
+        message: EmailMessage | bytes,
         sender: str,
         recipients: list[str],
     ) -> None:
@@ -303,7 +298,10 @@ class _Send:
             eight_bit = client.supports_extension("8bitmime")
             if eight_bit:
                 options.append("BODY=8BITMIME")
-            data = flatten_message(self.message, utf8=utf8, cte_type="8bit" if eight_bit else "7bit")
+            if isinstance(self.message, bytes):  # written as 7-bit MIME already (mime.py)
+                data = self.message
+            else:
+                data = flatten_message(self.message, utf8=utf8, cte_type="8bit" if eight_bit else "7bit")
             encoding = "utf-8" if utf8 else "ascii"
             await client.mail(sender, options=options, encoding=encoding)
             stage = "RCPT"
