@@ -39,6 +39,11 @@ class FileDelivery(Integration[FileIntegration]):
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    async def close(self) -> None:
+        """Let a write under way finish (its lines are then on disk, and their answers given)."""
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+
     async def deliver(self, delivery: Delivery) -> str:
         line = _Line(
             delivery.event_id,
