@@ -381,7 +381,12 @@ class Stage:
         if "configuration OK" not in out or any(self.dep.env[name] in out for name in SECRET_VARS):
             raise CheckFailed(f"`run --rm --no-deps worker check-config`: not OK, or a secret shown:\n{out}")
         out = self.dep.dc("exec", "-T", "receiver", "examhook", "queue")
-        if not out.startswith("queued"):
+        # first the Redis (password masked), the prefix and the config it read; then the counts
+        first, _, rest = out.partition("\n")
+        names_config = "config /etc/examhook/examhook.toml" in first
+        if not first.startswith("redis redis://redis:6379") or not names_config:
+            raise CheckFailed(f"`exec receiver examhook queue` does not say what it read:\n{out}")
+        if not rest.startswith("queued") or any(self.dep.env[name] in out for name in SECRET_VARS):
             raise CheckFailed(f"`exec receiver examhook queue` printed:\n{out}")
 
     def phase_burst(self) -> None:
