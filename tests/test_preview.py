@@ -137,9 +137,8 @@ async def test_preview_of_a_stored_re_release_reads_as_an_update(
     make_settings: Callable[..., Settings],
     redis: Redis,
     sample_body: bytes,
-    redis_url: str,
-    prefix: str,
     tmp_path: Path,
+    env: dict[str, str],
 ) -> None:
     """`--event ID` previews a stored event; a re-release of an attempt reads as an update
     ("Your updated result ...") naming the earlier release's time and grade; the first
@@ -151,7 +150,6 @@ async def test_preview_of_a_stored_re_release_reads_as_an_update(
         client, learner(sample_body, 1, released_at="2026-11-24T14:00:00Z", passed=False)
     )
     config = write_config(tmp_path / "examhook.toml", [mail(timezone="Europe/London")])
-    env = clean_env(EXAMHOOK_REDIS_URL=redis_url, EXAMHOOK_REDIS_PREFIX=prefix)
     args = ["--config", str(config)]
 
     update = await examhook("preview-email", "--event", second, "--json", *args, env=env, cwd=tmp_path)

@@ -18,7 +18,7 @@ from shared.replay import Replayer
 from shared.report import Target
 from shared.settings import Settings
 from shared.store import Rejected, Store, now_ms
-from tests.conftest import SYNAP_BASIC, clean_env, eventually, free_port, post_event, running_worker
+from tests.conftest import SYNAP_BASIC, eventually, free_port, post_event, running_worker
 from tests.results_day import EXAM, Picky, learner, picky_fixture, write_config  # noqa: F401
 from tests.test_cli import examhook
 
@@ -47,10 +47,6 @@ async def delivered_all(
     return ids
 
 
-def env_for(redis_url: str, prefix: str) -> dict[str, str]:
-    return clean_env(EXAMHOOK_REDIS_URL=redis_url, EXAMHOOK_REDIS_PREFIX=prefix)
-
-
 async def test_replay_sends_delivered_events_again_with_the_same_keys(
     aiohttp_client: ClientFactory,
     make_settings: Callable[..., Settings],
@@ -58,9 +54,9 @@ async def test_replay_sends_delivered_events_again_with_the_same_keys(
     redis: Redis,
     picky: Picky,
     sample_body: bytes,
-    redis_url: str,
     prefix: str,
     tmp_path: Path,
+    env: dict[str, str],
 ) -> None:
     """An LMS restored from backup: `replay --exam X --dry-run` prints what it would queue and
     changes nothing; `replay --exam X` sends every delivered event once more, with the same
@@ -70,7 +66,6 @@ async def test_replay_sends_delivered_events_again_with_the_same_keys(
     bodies = [learner(sample_body, n) for n in range(3)] + [learner(sample_body, 9, exam_id="exm_other")]
     ids = await delivered_all(aiohttp_client, settings, start_worker, picky, bodies)
     config = write_config(tmp_path / "examhook.toml", [lms(picky)])
-    env = env_for(redis_url, prefix)
     keys = Keys(prefix)
     await eventually(lambda: _all_delivered(redis, keys, ids, "lms"))
 
@@ -114,9 +109,9 @@ async def test_replay_reaches_an_integration_added_after_the_release(
     redis: Redis,
     picky: Picky,
     sample_body: bytes,
-    redis_url: str,
     prefix: str,
     tmp_path: Path,
+    env: dict[str, str],
 ) -> None:
     """An integration added after the release has no record of the exam's events: the report
     shows them pending for it; once the workers run the new configuration, `replay --exam X
@@ -135,7 +130,6 @@ async def test_replay_reaches_an_integration_added_after_the_release(
     both = [lms(picky), lms(picky, "warehouse")]
     await start_worker(make_settings(both))
     config = write_config(tmp_path / "examhook.toml", both)
-    env = env_for(redis_url, prefix)
 
     report = await examhook(
         "report", "--exam", EXAM, "--json", "--config", str(config), env=env, cwd=tmp_path
@@ -166,9 +160,9 @@ async def test_events_that_matched_nothing_are_delivered_once_an_integration_tak
     redis: Redis,
     picky: Picky,
     sample_body: bytes,
-    redis_url: str,
     prefix: str,
     tmp_path: Path,
+    env: dict[str, str],
 ) -> None:
     """Events that matched no integration's filter are kept in the unmatched list; once the
     filter takes them, `replay --unmatched` delivers them and they leave the list."""
@@ -187,7 +181,6 @@ async def test_events_that_matched_nothing_are_delivered_once_an_integration_tak
     wide = [lms(picky, when={"exam_ids": ["exm_other", EXAM]})]
     config = write_config(tmp_path / "examhook.toml", wide)
     await start_worker(make_settings(wide))
-    env = env_for(redis_url, prefix)
     run = await examhook("replay", "--unmatched", "--config", str(config), env=env, cwd=tmp_path)
     assert run.code == 0, run
     assert run.out.startswith("queued 2 deliveries of 2 events"), run.out
@@ -258,9 +251,9 @@ async def test_rejected_replay_accepts_a_fixed_body_and_keeps_a_still_broken_one
     redis: Redis,
     picky: Picky,
     sample_body: bytes,
-    redis_url: str,
     prefix: str,
     tmp_path: Path,
+    env: dict[str, str],
 ) -> None:
     """`rejected replay ID...` submits quarantined bodies as if they had just arrived: one the
     model takes now (quarantined by an older model) is accepted, leaves the quarantine and is
@@ -284,7 +277,6 @@ async def test_rejected_replay_accepts_a_fixed_body_and_keeps_a_still_broken_one
         await store.quarantine(
             Rejected(reject_id, now_ms(), "invalid_payload", "older model", "$.x", "application/json", fixed)
         )
-    env = env_for(redis_url, prefix)
 
     run = await examhook("rejected", "replay", "rej_fixed", broken_id, env=env, cwd=tmp_path)
     assert run.code == 1, run

@@ -19,7 +19,7 @@ from shared.contract import Keys
 from shared.report import Reporter, Target
 from shared.settings import Settings
 from shared.store import Store, now_ms
-from tests.conftest import clean_env, eventually, free_port, post_event
+from tests.conftest import eventually, free_port, post_event
 from tests.results_day import EXAM, Picky, learner, picky_fixture, write_config  # noqa: F401
 from tests.test_cli import examhook
 
@@ -96,9 +96,8 @@ async def test_exam_report_json_and_csv_show_each_learner_everywhere(
     redis: Redis,
     picky: Picky,
     sample_body: bytes,
-    redis_url: str,
-    prefix: str,
     tmp_path: Path,
+    env: dict[str, str],
 ) -> None:
     """`report --exam X --json` has one row per event with the learner and each configured
     integration's state: delivered, failed (the LMS refused learner 1), superseded (a re-mark
@@ -107,7 +106,6 @@ async def test_exam_report_json_and_csv_show_each_learner_everywhere(
     come first. `--csv` has the same rows, one column per integration."""
     _, ids = await results_day(aiohttp_client, make_settings, start_worker, redis, picky, sample_body)
     config = write_config(tmp_path / "examhook.toml", integrations(picky))
-    env = clean_env(EXAMHOOK_REDIS_URL=redis_url, EXAMHOOK_REDIS_PREFIX=prefix)
     names = {v: k for k, v in ids.items()}
 
     run = await examhook("report", "--exam", EXAM, "--json", "--config", str(config), env=env, cwd=tmp_path)
@@ -144,16 +142,15 @@ async def test_exams_summary_counts_per_integration_within_the_window(
     redis: Redis,
     picky: Picky,
     sample_body: bytes,
-    redis_url: str,
     prefix: str,
     tmp_path: Path,
+    env: dict[str, str],
 ) -> None:
     """`report --json` has one row per exam seen in the window, with events, distinct
     learners and per integration the counts of each state; an exam whose newest event is
     older than `--since` is left out; `--csv` has a column per integration and state."""
     await results_day(aiohttp_client, make_settings, start_worker, redis, picky, sample_body)
     config = write_config(tmp_path / "examhook.toml", integrations(picky))
-    env = clean_env(EXAMHOOK_REDIS_URL=redis_url, EXAMHOOK_REDIS_PREFIX=prefix)
     # an exam last seen three days ago
     await redis.zadd(f"{prefix}:exams", {"exm_old": now_ms() - 3 * 86_400_000})
 
@@ -189,16 +186,14 @@ async def test_failures_list_and_show_name_the_learner(
     redis: Redis,
     picky: Picky,
     sample_body: bytes,
-    redis_url: str,
-    prefix: str,
     tmp_path: Path,
+    env: dict[str, str],
 ) -> None:
     """`failures list` (text and `--json`) carries the learner (id, name) and the exam;
     `failures show` opens with a summary paragraph (learner, exam, grade, release time, each
     integration's state) before the payload."""
     _, ids = await results_day(aiohttp_client, make_settings, start_worker, redis, picky, sample_body)
     config = write_config(tmp_path / "examhook.toml", integrations(picky))
-    env = clean_env(EXAMHOOK_REDIS_URL=redis_url, EXAMHOOK_REDIS_PREFIX=prefix)
 
     listed = await examhook("failures", "list", "--json", env=env, cwd=tmp_path)
     [row] = listed.json()
@@ -241,15 +236,14 @@ async def test_retries_are_listed_with_the_learner_and_made_due_now(
     redis: Redis,
     picky: Picky,
     sample_body: bytes,
-    redis_url: str,
     prefix: str,
     tmp_path: Path,
+    env: dict[str, str],
 ) -> None:
     """`retries list` shows each delivery waiting for a retry with the learner, integration,
     attempts and last error; `retries now --integration later` makes them due at once (the
     worker attempts them again within seconds instead of a minute), and no other job moves."""
     settings, ids = await results_day(aiohttp_client, make_settings, start_worker, redis, picky, sample_body)
-    env = clean_env(EXAMHOOK_REDIS_URL=redis_url, EXAMHOOK_REDIS_PREFIX=prefix)
     listed = await examhook("retries", "list", "--json", env=env, cwd=tmp_path)
     assert listed.code == 0, listed
     rows = listed.json()
