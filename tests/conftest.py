@@ -27,6 +27,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 import shared.settings
+from ingest.app import create_app
 from shared.settings import Settings
 from tests import leakcheck
 from tests.smtp_sink import smtp, start_smtp  # noqa: F401 - fixtures for every test module
@@ -391,3 +392,15 @@ def workdir(tmp_path: Path) -> Path:
 def env(redis_url: str, prefix: str, redis: Redis) -> dict[str, str]:
     """Environment for commands against the test's Redis and prefix (cleaned up by ``redis``)."""
     return clean_env(EXAMHOOK_REDIS_URL=redis_url, EXAMHOOK_REDIS_PREFIX=prefix)
+
+
+@pytest.fixture
+async def served(settings: Settings, unused_tcp_port_factory: Callable[[], int]) -> AsyncIterator[str]:
+    """The real receiver (with /admin) built from the module's ``settings`` fixture, on a free
+    port; yields its base URL."""
+    port = unused_tcp_port_factory()
+    runner = web.AppRunner(create_app(settings), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()

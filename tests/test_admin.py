@@ -8,12 +8,11 @@ import html
 import json
 import re
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
@@ -533,17 +532,6 @@ def test_rendered_values_are_redacted_and_escaped(make_settings: Callable[..., S
 
 
 # -- end to end in a real browser ------------------------------------------------------
-
-
-@pytest.fixture
-async def served(settings: Settings, unused_tcp_port_factory: Callable[[], int]) -> AsyncIterator[str]:
-    """The real receiver (with /admin) on a free port; yields its base URL."""
-    port = unused_tcp_port_factory()
-    runner = web.AppRunner(create_app(settings), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
 
 
 async def test_browser_login_see_failure_retry_delivered(

@@ -10,17 +10,16 @@ import io
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import pytest
-from aiohttp import web
 from redis.asyncio import Redis
 
-from ingest.app import WEBHOOK_PATH, create_app
+from ingest.app import WEBHOOK_PATH
 from shared.contract import Keys
 from shared.settings import Settings
 from shared.store import now_ms
@@ -55,16 +54,6 @@ def settings(make_settings: Callable[..., Settings], picky: Picky, smtp: SmtpSer
         ],
         admin_token=TOKEN,
     )
-
-
-@pytest.fixture
-async def served(settings: Settings, unused_tcp_port_factory: Callable[[], int]) -> AsyncIterator[str]:
-    port = unused_tcp_port_factory()
-    runner = web.AppRunner(create_app(settings), access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
 
 
 async def release(
