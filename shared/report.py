@@ -188,7 +188,7 @@ class Reporter:
                     keys += [k.pair(event_id, name), k.delivered(event_id, name)]
             args: list[Any] = ["1" if with_body else "0", len(names), *names, *chunk]
             async with gate:
-                result = await self.store._evalsha_packed(self._script, keys, args)
+                result = await self.store.run_script(self._script, keys, args)
             return [(body or None, codes.decode()) for body, codes in result]
 
         chunks = [event_ids[i : i + CHUNK] for i in range(0, len(event_ids), CHUNK)]

@@ -249,11 +249,8 @@ class Store:
                 if refused is not None:
                     raise refused
                 outcome = replies[-1][-1]
-                if isinstance(outcome, NoScriptError) or (
-                    isinstance(outcome, ResponseError) and str(outcome).startswith("NOSCRIPT")
-                ):
-                    sha = await _command(connection, ["SCRIPT", "LOAD", script.script])
-                    script.sha = sha.decode() if isinstance(sha, bytes) else sha
+                if _unknown_script(outcome):
+                    await _load_script(connection, script)
                     continue
                 if isinstance(outcome, BaseException):
                     raise outcome
@@ -262,26 +259,14 @@ class Store:
         finally:
             await pool.release(connection)
 
-    async def _evalsha_packed(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
-        """``script(keys, args)``, with the command packed here and sent on a pooled connection.
-
-        The receiver's batch has nine values per event; redis-py's general packer and
-        command path cost ~12 µs per event more than this (a tenth of the receiver's CPU).
-        """
-        pool = self.redis.connection_pool
-        connection = await pool.get_connection()
-        try:
-            command = ["EVALSHA", script.sha, len(keys), *keys, *args]
-            try:
-                return await _command(connection, command)
-            except NoScriptError:
-                # a restarted or another server: load the script, then once more
-                sha = await _command(connection, ["SCRIPT", "LOAD", script.script])
-                script.sha = sha.decode() if isinstance(sha, bytes) else sha
-                command[1] = script.sha
-                return await _command(connection, command)
-        finally:
-            await pool.release(connection)
+    async def run_script(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        """``script(keys, args)``, packed here and sent on a pooled connection (see
+        :meth:`scripts_at_once`): redis-py's general packer and command path cost ~12 µs more
+        per event of the receiver's batch, a tenth of its CPU."""
+        [reply] = await self.scripts_at_once(script, [(keys, args)])
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
 
     async def quarantine(self, rejected: Rejected) -> None:
         """Keep a rejected body, bounded in count and time."""
@@ -420,9 +405,7 @@ class Store:
         results = await self.scripts_at_once(self._record, calls)
         return [r if isinstance(r, BaseException) else int(r) for r in results]
 
-    async def scripts_at_once(
-        self, script: AsyncScript, calls: list[tuple[list[Any], list[Any]]]
-    ) -> list[Any]:
+    async def scripts_at_once(self, script: AsyncScript, calls: list[ScriptCall]) -> list[Any]:
         """Run ``script`` once per (keys, args) call, all sent in one round trip on a pooled
         connection: each run's reply, or the error Redis gave for it. An unknown script (a
         restarted or another server) is loaded and its runs sent once more."""
@@ -438,15 +421,12 @@ class Store:
                 answers = await _exchange(connection, packed)
                 unknown = []
                 for n, answer in zip(todo, answers, strict=True):
-                    if isinstance(answer, NoScriptError) or (
-                        isinstance(answer, ResponseError) and str(answer).startswith("NOSCRIPT")
-                    ):
+                    if _unknown_script(answer):
                         unknown.append(n)
                     replies[n] = answer
                 if not unknown:
                     break
-                sha = await _command(connection, ["SCRIPT", "LOAD", script.script])
-                script.sha = sha.decode() if isinstance(sha, bytes) else sha
+                await _load_script(connection, script)
                 todo = unknown
             return replies
         finally:
@@ -591,6 +571,18 @@ async def _exchange(connection: Any, packed: list[bytes]) -> list[Any]:
         # a reply may still be on its way (timeout, cancellation): never reuse the connection
         await connection.disconnect()
         raise
+
+
+def _unknown_script(reply: Any) -> bool:
+    """Redis does not know the script (restarted, or another server): load it and send again."""
+    return isinstance(reply, NoScriptError) or (
+        isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+    )
+
+
+async def _load_script(connection: Any, script: AsyncScript) -> None:
+    sha = await _command(connection, ["SCRIPT", "LOAD", script.script])
+    script.sha = sha.decode() if isinstance(sha, bytes) else sha
 
 
 async def _command(connection: Any, command: list[Any]) -> Any:
