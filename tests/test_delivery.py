@@ -61,6 +61,34 @@ async def test_delivers_body_unchanged_with_headers(
     assert "webhook-signature" not in request.headers
 
 
+async def test_a_worker_whose_redis_lost_its_scripts_loads_them_again(
+    aiohttp_client: Any,
+    make_settings: Any,
+    start_worker: Any,
+    destination: Destination,
+    sample_body: bytes,
+    redis: Redis,
+    prefix: str,
+) -> None:
+    """Scripts flushed on the server (a restart, a failover, SCRIPT FLUSH) between ingest and
+    delivery: the worker's shared claims and outcome records load them again and deliver
+    once, and the report's read-only script does too."""
+    from shared.report import Reporter, Target
+
+    settings = make_settings([http_integration(destination)])
+    client = await aiohttp_client(create_app(settings))
+    event_id = await post_event(client, sample_body)
+    await redis.script_flush()
+    await start_worker(settings)
+    [request] = await destination.wait_for_requests(1)
+    assert request.headers["Idempotency-Key"] == event_id
+    await eventually(lambda: delivered(redis, prefix, 1))
+    await redis.script_flush()
+    store = Store(redis, Keys(prefix), settings.retention)
+    rows = await Reporter(store, Target.of(settings.integrations)).exam(decoder.decode(sample_body).exam.id)
+    assert [r.event_id for r in rows] == [event_id], "the report read the exam after its script was flushed"
+
+
 async def test_signature_verifies_with_standard_webhooks(
     aiohttp_client: Any, make_settings: Any, start_worker: Any, destination: Destination, sample_body: bytes
 ) -> None:
