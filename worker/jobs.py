@@ -15,8 +15,6 @@ from typing import Any, TypeVar
 
 from arq import Retry
 
-from shared.settings import Settings
-from shared.timing import job_deadline_seconds
 from worker.delivery import Deliverer
 
 log = logging.getLogger("examhook.worker")
@@ -27,13 +25,11 @@ T = TypeVar("T")
 RERUN_SECONDS = 2.0
 
 
-def job_deadline(settings: Settings) -> float:
-    """Seconds a job may run before examhook itself gives up on this run (before arq does)."""
-    return job_deadline_seconds(settings.job_timeout_seconds)
-
-
 def _deadline(ctx: dict[str, Any]) -> float:
-    return asyncio.get_running_loop().time() + job_deadline(ctx["settings"])
+    """When this run must end: examhook gives up on it (and keeps the job) before arq would
+    (shared/timing.py)."""
+    deliverer: Deliverer = ctx["deliverer"]
+    return asyncio.get_running_loop().time() + deliverer.budget.deadline
 
 
 async def _guarded(ctx: dict[str, Any], job: str, deadline: float, work: Awaitable[T]) -> T:
