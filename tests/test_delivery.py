@@ -426,6 +426,43 @@ async def test_file_integration_does_not_repeat_after_interrupted_attempt(
     assert len(sink.read_bytes().splitlines()) == 1
 
 
+async def test_a_file_write_that_fails_part_way_is_an_unknown_outcome_and_never_repeated(
+    sample_body: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up after a line went out (here: the fsync fails with ENOSPC): the answer
+    is an unknown outcome, not a plain transient error, so the next attempt looks for its line
+    first and the file holds it once. A failure before anything is written stays transient."""
+    import errno
+
+    from shared.payload import decoder
+    from shared.settings import FileIntegration
+    from worker.integrations.base import Delivery, PermanentError, UnknownOutcome
+    from worker.integrations.file import FileDelivery
+
+    sink = tmp_path / "d.jsonl"
+    integration = FileDelivery(FileIntegration(name="f", path=str(sink)))
+    await integration.start()
+    event = decoder.decode(sample_body)
+    real_fsync = os.fsync
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(UnknownOutcome, match="No space left"):
+        await integration.deliver(Delivery("evt_1", sample_body, event, 1))
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    again = Delivery("evt_1", sample_body, event, 2, maybe_sent_before=True)
+    assert await integration.deliver(again) == "already written"
+    assert len(sink.read_bytes().splitlines()) == 1
+
+    sink.unlink()
+    sink.mkdir()  # cannot even be opened for appending: nothing went out
+    with pytest.raises(PermanentError, match="Is a directory") as refused:
+        await integration.deliver(Delivery("evt_2", sample_body, event, 1))
+    assert not isinstance(refused.value, UnknownOutcome)
+
+
 async def test_file_lines_asked_for_together_are_written_together_each_once(
     sample_body: bytes, tmp_path: Path
 ) -> None:

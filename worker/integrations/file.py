@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 
 from shared.settings import FileIntegration
-from worker.integrations.base import Delivery, DeliveryError, Integration, PermanentError, TransientError
+from worker.integrations.base import Delivery, Integration, PermanentError, TransientError, UnknownOutcome
 
 
 def event_line(event_id: str, body: bytes) -> bytes:
@@ -61,7 +61,7 @@ class FileDelivery(Integration[FileIntegration]):
             batch, self._waiting = self._waiting, []
             try:
                 answers = await asyncio.to_thread(self._append, batch)
-            except DeliveryError as exc:
+            except Exception as exc:  # a DeliveryError, or a bug: every waiting line hears of it
                 for line in batch:
                     if not line.answer.done():
                         line.answer.set_exception(exc)
@@ -71,6 +71,7 @@ class FileDelivery(Integration[FileIntegration]):
                     line.answer.set_result(answer)
 
     def _append(self, batch: list[_Line]) -> list[str]:
+        writing = False  # once lines are going out, a failure leaves them perhaps on disk
         try:
             with open(self.path, "a+b") as file:
                 # one writer at a time, across worker processes on this machine
@@ -82,6 +83,7 @@ class FileDelivery(Integration[FileIntegration]):
                         text[: text.find(b'",') + 1] for text in file if text.startswith(b'{"event_id":"')
                     }
                 answers = []
+                writing = True
                 for line in batch:
                     marker = b'{"event_id":"' + line.event_id.encode() + b'"'
                     if line.check_existing and marker in present:
@@ -95,6 +97,10 @@ class FileDelivery(Integration[FileIntegration]):
                 self.writes += 1
                 return answers
         except OSError as exc:
+            if writing:
+                # e.g. the disk filled up mid-write: some lines may be there. The next attempt
+                # looks for its line before writing (on_unknown_outcome, "retry" by default).
+                raise UnknownOutcome(f"cannot finish writing {self.path}: {exc.strerror}") from None
             # A missing permission needs an operator; a full disk may clear: retry that.
             if exc.errno in (errno.EACCES, errno.EROFS, errno.EISDIR):
                 raise PermanentError(f"cannot write {self.path}: {exc.strerror}") from None
