@@ -630,7 +630,7 @@ def test_the_mime_bytes_read_back_as_the_email_packages_message(
     assert max(len(line) for line in written.split(b"\n")) <= 998
     read = message_from_bytes(written, policy=email_policy.default)
     reference = draft.message()
-    for header, _ in draft.headers():
+    for header, _ in draft.fields():
         assert str(read[header]) == str(reference[header]), header
     assert read.get_content_type() == "multipart/alternative"
     for subtype, body in (("plain", text), ("html", html)):
@@ -642,7 +642,8 @@ def test_the_mime_bytes_read_back_as_the_email_packages_message(
 
 def test_a_message_the_mime_writer_cannot_carry_falls_back_to_the_email_package() -> None:
     """An address that needs SMTPUTF8, or a name too long for one header line, makes
-    ``as_bytes`` give way (None) to the email package, which can carry both."""
+    ``as_bytes`` give way (None) to the email package, which can carry both; so does a line
+    break in a header value, which the email package refuses."""
     from email.headerregistry import Address
 
     from worker.integrations.email.mime import Draft, now_date
@@ -654,3 +655,5 @@ def test_a_message_the_mime_writer_cannot_carry_falls_back_to_the_email_package(
         draft = Draft("s", sender, to, None, "evt_1", "t", "h", now_date())
         assert draft.as_bytes() is None
         assert draft.message()["To"] is not None
+    smuggled = Draft("s\nBcc: x@evil.example", sender, sender, None, "evt_1", "t", "h", now_date())
+    assert smuggled.as_bytes() is None, "a line break in a header value is never written out as is"

@@ -49,61 +49,52 @@ class Draft:
     def _reply_to(self) -> tuple[Address, ...]:
         return (self.reply_to,) if self.reply_to is not None else ()
 
-    def headers(self) -> list[tuple[str, str]]:
-        """The headers, in order, with their values as a reader sees them (not encoded)."""
-        found = [("Subject", self.subject), ("From", str(self.sender)), ("To", str(self.to))]
+    def fields(self) -> list[tuple[str, str | Address]]:
+        """The headers, in order: the one list both forms are written from."""
+        fields: list[tuple[str, str | Address]] = [
+            ("Subject", self.subject),
+            ("From", self.sender),
+            ("To", self.to),
+        ]
         if self.reply_to is not None:
-            found.append(("Reply-To", str(self.reply_to)))
-        found += [
+            fields.append(("Reply-To", self.reply_to))
+        return [
+            *fields,
             ("Date", self.date),
             ("Message-ID", self.message_id),
             ("X-Examhook-Event-Id", self.event_id),
             # RFC 3834: an automatic message; out-of-office responders should not answer it.
             ("Auto-Submitted", "auto-generated"),
         ]
-        return found
 
     def message(self) -> EmailMessage:
         """The draft as the email package's message."""
         message = EmailMessage()
-        message["Subject"] = self.subject
-        message["From"] = self.sender
-        message["To"] = self.to
-        if self.reply_to is not None:
-            message["Reply-To"] = self.reply_to
-        message["Date"] = self.date
-        message["Message-ID"] = self.message_id
-        message["X-Examhook-Event-Id"] = self.event_id
-        message["Auto-Submitted"] = "auto-generated"
+        for name, value in self.fields():
+            message[name] = value
         message.set_content(self.text)
         message.add_alternative(self.html, subtype="html")
         return message
 
     def as_bytes(self) -> bytes | None:
         """The draft as MIME bytes, 7-bit clean (lines end in LF; the DATA phase makes them
-        CRLF); None where only :meth:`message` will do: an address that needs SMTPUTF8, or a
-        header line too long to send unfolded (a very long name)."""
+        CRLF); None where only :meth:`message` will do: an address that needs SMTPUTF8, a
+        header line too long to send unfolded (a very long name), or a line break in a value
+        (never sent as is: the email package refuses it)."""
         if self.needs_smtputf8:
             return None
         boundary = "=_examhook_" + secrets.token_hex(12)  # never in quoted-printable text
-        lines = [
-            _unstructured("Subject", self.subject),
-            _address("From", self.sender),
-            _address("To", self.to),
-        ]
-        if self.reply_to is not None:
-            lines.append(_address("Reply-To", self.reply_to))
-        lines += [
-            f"Date: {self.date}",
-            f"Message-ID: {self.message_id}",
-            f"X-Examhook-Event-Id: {self.event_id}",
-            "Auto-Submitted: auto-generated",
-            "MIME-Version: 1.0",
-            f'Content-Type: multipart/alternative; boundary="{boundary}"',
-            "",
-        ]
+        lines = []
+        for name, value in self.fields():
+            if isinstance(value, Address):
+                lines.append(_address(name, value))
+            elif "\n" in value or "\r" in value:
+                return None
+            else:
+                lines.append(_unstructured(name, value))
         if any(len(physical) > MAX_HEADER_LINE for line in lines for physical in line.split("\n")):
             return None
+        lines += ["MIME-Version: 1.0", f'Content-Type: multipart/alternative; boundary="{boundary}"', ""]
         head = "\n".join(lines).encode("ascii")
         return b"".join(
             (
