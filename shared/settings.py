@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -446,13 +446,11 @@ def _is_secret(kind: Any) -> bool:
     return bool(getattr(kind, "extra", None) and kind.extra.get("secret"))
 
 
-def _secret_fields() -> tuple[frozenset[str], frozenset[str]]:
-    """Names of the settings fields marked :data:`Secret`: (those whose value is secret, those
-    whose every dict value is secret), read off the Structs themselves."""
+def settings_fields() -> Iterator[tuple[str, Any]]:
+    """Every field of the settings Structs, nested ones and each integration type's included:
+    (its name, each type it may take, as ``msgspec.inspect`` describes it)."""
     import msgspec.inspect as mi
 
-    plain: set[str] = set()
-    mapping: set[str] = set()
     seen: set[type] = set()
     todo: list[Any] = [mi.type_info(Settings)]
     while todo:
@@ -464,15 +462,26 @@ def _secret_fields() -> tuple[frozenset[str], frozenset[str]]:
             for field in node.fields:
                 kinds = field.type.types if isinstance(field.type, mi.UnionType) else (field.type,)
                 for kind in kinds:
-                    if _is_secret(kind):
-                        plain.add(field.name)
-                    elif isinstance(kind, mi.DictType) and _is_secret(kind.value_type):
-                        mapping.add(field.name)
+                    yield field.name, kind
                     todo.append(kind)
         elif isinstance(node, mi.UnionType):
             todo.extend(node.types)
         elif isinstance(node, mi.ListType):
             todo.append(node.item_type)
+
+
+def _secret_fields() -> tuple[frozenset[str], frozenset[str]]:
+    """Names of the settings fields marked :data:`Secret`: (those whose value is secret, those
+    whose every dict value is secret), read off the Structs themselves."""
+    import msgspec.inspect as mi
+
+    plain: set[str] = set()
+    mapping: set[str] = set()
+    for name, kind in settings_fields():
+        if _is_secret(kind):
+            plain.add(name)
+        elif isinstance(kind, mi.DictType) and _is_secret(kind.value_type):
+            mapping.add(name)
     return frozenset(plain), frozenset(mapping)
 
 
