@@ -110,7 +110,6 @@ class Deliverer:
         metrics.outcomes_waiting.set_function(lambda: self.journal.waiting)
         # with no filter anywhere, every integration takes every event: no need to read the body first
         self._all_take_all = all(i.config.when == When() for i in integrations.values())
-        self.attempt_seconds = self.budget.attempts
         self._stop_starting_at: float | None = None  # loop time: shutdown grace ends
         self._in_flight: set[asyncio.Future[Outcome]] = set()  # attempts sending now
         # what a shutdown had to cut (for its log line)
@@ -128,7 +127,7 @@ class Deliverer:
         ``deadline`` and the end of a shutdown grace (else the cut would make it run again)."""
         ends = [t for t in (deadline, self._stop_starting_at) if t is not None]
         end: float = min(ends) if ends else float("inf")
-        return end - self.attempt_seconds[name]
+        return end - self.budget.attempts[name]
 
     async def _take_lane(self, name: str, deadline: float | None) -> bool:
         """A slot of the lane of ``name`` in time for a whole attempt (see :meth:`_start_by`,
